@@ -1,0 +1,163 @@
+//! The agent process: opens the journal, takes the lease, waits for the
+//! Docker engine, and runs the machines until it is told to stop.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::driver::compose::Compose;
+use crate::driver::docker::Engine;
+use crate::driver::git::GitMirror;
+use crate::driver::process::{self, CommandSpec};
+use crate::driver::stack::{DriverError, DriverSettings, SharedJournal, StackDriver};
+use crate::journal::{History, Journal, JournalError, JournalOptions};
+use crate::machine::stack::StackSettings;
+use crate::panel::{self, Board, Condition, Source};
+use crate::platform::Platform;
+use crate::seams::Seams;
+
+/// Time between two attempts to reach the Docker engine at start.
+const ENGINE_RETRY: Duration = Duration::from_secs(5);
+
+/// Time the commands of a stopping agent get to exit before SIGKILL.
+const CHILD_GRACE: Duration = Duration::from_secs(3);
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+}
+
+/// Runs the agent until `shutdown` completes or the journal fails.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let seams = Seams::system(config.seams.boot_id_file.clone());
+    let holder = crate::identity::holder_name();
+    let journal = open_journal(&config)?;
+    let epoch = journal.lock().expect("the journal lock is not shared yet").take_lease(&holder, seams.meta())?;
+    tracing::info!(holder, epoch, journal = %config.journal.directory.display(), "agent started and took the lease");
+
+    let board = Board::new();
+    board.set(Source::Agent, Some(Condition::Starting));
+    let panel_task = tokio::spawn(panel::run_simulated(board.subscribe()));
+
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        result = run_machines(&config, journal, seams, board.clone()) => result,
+        () = &mut shutdown => {
+            tracing::info!("stop requested");
+            Ok(())
+        }
+    };
+
+    process::stop_children(CHILD_GRACE).await;
+    panel_task.abort();
+    match &result {
+        Ok(()) => tracing::info!("agent stopped"),
+        Err(error) => tracing::error!(%error, "agent stopped on an error"),
+    }
+    result
+}
+
+async fn run_machines(config: &Config, journal: SharedJournal, seams: Seams, board: Board) -> Result<(), AgentError> {
+    let platform = config.docker.platform.as_deref().and_then(Platform::parse);
+    let engine = wait_for_engine(config.docker.host.as_deref(), platform, &board).await;
+    check_compose(config).await;
+    board.set(Source::Agent, None);
+
+    let stack = &config.stack;
+    let git = GitMirror { url: stack.repository.clone(), branch: stack.branch.clone(), checkout: stack.checkout.clone(), timeout: stack.git_timeout };
+    let compose = Compose {
+        project: stack.project.clone(),
+        files: stack.compose_files.clone(),
+        timeout: stack.compose_timeout,
+        docker_host: config.docker.host.clone(),
+    };
+    let settings = DriverSettings {
+        poll_interval: stack.poll_interval,
+        poll_jitter_percent: stack.poll_jitter_percent,
+        retry_backoff_min: stack.retry_backoff_min,
+        retry_backoff_max: stack.retry_backoff_max,
+        pull_timeout: stack.pull_timeout,
+        probation: stack.probation,
+        health_grace: stack.health_grace,
+        apply_policy: stack.apply_policy,
+        state_directory: config.state_directory(),
+        factory_reset_command: stack.factory_reset_command.clone(),
+        factory_reset_timeout: stack.factory_reset_timeout,
+        machine: StackSettings { max_resumes: stack.max_resumes },
+    };
+    let driver = StackDriver::new(journal, seams, engine, git, compose, settings, board, Arc::new(Notify::new()));
+    driver.run().await?;
+    Ok(())
+}
+
+/// Opens the journal. A file without a valid header is moved aside, never
+/// deleted, and a new journal is started, so a damaged file cannot keep the
+/// device from updating.
+fn open_journal(config: &Config) -> Result<SharedJournal, JournalError> {
+    let options = JournalOptions { file_bytes: config.journal.size_kib * 1024, sync: true, history: History::Recent };
+    let directory = &config.journal.directory;
+    let journal = match Journal::open(directory, options) {
+        Err(error @ (JournalError::NoValidHeader { .. } | JournalError::SizeMismatch { .. })) => {
+            let path = directory.join(crate::journal::FILE_NAME);
+            let aside = directory.join(format!("{}.unreadable", crate::journal::FILE_NAME));
+            tracing::error!(%error, moved_to = %aside.display(), "journal unreadable; moving it aside and starting a new one");
+            std::fs::rename(&path, &aside).map_err(|source| JournalError::Io { path: path.clone(), action: "move aside", source })?;
+            Journal::open(directory, options)?
+        }
+        other => other?,
+    };
+
+    let stats = journal.stats();
+    if stats.ignored_bytes() > 0 {
+        tracing::warn!(
+            damaged_bytes = stats.damaged_bytes,
+            damaged_spans = stats.damaged_spans,
+            torn_bytes = stats.torn_bytes,
+            "journal had damaged or torn records; they were skipped"
+        );
+    }
+    let state = journal.state();
+    if state.unknown_records > 0 {
+        tracing::warn!(records = state.unknown_records, "journal holds records from a newer agent version; they were skipped");
+    }
+    Ok(Arc::new(Mutex::new(journal)))
+}
+
+async fn wait_for_engine(host: Option<&str>, platform: Option<Platform>, board: &Board) -> Engine {
+    let mut failures = 0u32;
+    loop {
+        match Engine::connect(host, platform.clone()).await {
+            Ok(engine) => {
+                tracing::info!(host = engine.host(), platform = %engine.platform(), "connected to the Docker engine");
+                return engine;
+            }
+            Err(error) => {
+                failures += 1;
+                board.set(Source::Agent, Some(Condition::WaitingForDocker));
+                if failures == 1 || failures % 12 == 0 {
+                    tracing::warn!(%error, failures, "waiting for the Docker engine");
+                }
+                tokio::time::sleep(ENGINE_RETRY).await;
+            }
+        }
+    }
+}
+
+async fn check_compose(config: &Config) {
+    let mut version = CommandSpec::new("docker", Duration::from_secs(30)).args(["compose", "version", "--short"]);
+    if let Some(host) = &config.docker.host {
+        version = version.env("DOCKER_HOST", host.clone());
+    }
+    match process::run(&version).await {
+        Ok(output) => tracing::info!(version = output.stdout.trim(), "found docker compose"),
+        Err(error) => tracing::error!(%error, "docker compose v2 is not available; updates will fail until it is installed"),
+    }
+}

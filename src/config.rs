@@ -1,0 +1,591 @@
+//! The agent's TOML configuration: parsing, defaults and validation.
+//!
+//! Every duration is a string with its unit (`"90s"`, `"5m"`, `"1h 30m"`), so
+//! a bare number is an error rather than a guess. Unknown keys are errors; they
+//! are collected with `serde_ignored` so that all of them are reported at once.
+//! Validation reports every problem it finds, each with its key and, where the
+//! key appears in the file, its line.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub journal: JournalConfig,
+    pub docker: DockerConfig,
+    pub stack: StackConfig,
+    pub panel: PanelConfig,
+    pub seams: SeamsConfig,
+}
+
+/// `[agent]`: identity, logging and local working files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct AgentConfig {
+    /// Name of the device in logs and notifications; default: the host name.
+    pub name: Option<String>,
+    /// Directory for the generated override files and validation checkouts.
+    /// Default: `state` beside the journal directory.
+    pub state_directory: Option<PathBuf>,
+    pub log_format: LogFormat,
+    /// A `tracing` filter such as `info` or `eventpi_autoupdate=debug`.
+    pub log_level: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig { name: None, state_directory: None, log_format: LogFormat::Human, log_level: "info".into() }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines, with colours on a terminal.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[journal]`: where the journal lives.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct JournalConfig {
+    /// Directory on the reserved partition.
+    pub directory: PathBuf,
+    /// Size of the journal file when it is created, in KiB.
+    #[serde(default = "default_journal_kib")]
+    pub size_kib: u64,
+}
+
+fn default_journal_kib() -> u64 {
+    2052
+}
+
+/// `[docker]`: how to reach the engine.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(default)]
+pub struct DockerConfig {
+    /// A `unix://` path of the engine's socket. Default: `DOCKER_HOST`, or
+    /// `/var/run/docker.sock`.
+    pub host: Option<String>,
+    /// Platform every image must be built for, as `os/arch[/variant]`.
+    /// Default: the engine's own platform.
+    pub platform: Option<String>,
+}
+
+/// When a pulled commit may be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApplyPolicy {
+    /// As soon as the images are pulled.
+    Immediate,
+    /// Only after the device booted again since the pull.
+    OnBoot,
+}
+
+/// `[stack]`: the device branch and how to run it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct StackConfig {
+    /// URL of the git repository that holds the compose files.
+    pub repository: String,
+    /// The branch this device follows.
+    pub branch: String,
+    /// Working tree of the clone. Compose runs there, so it must be the same
+    /// path inside and outside the agent's container.
+    pub checkout: PathBuf,
+    /// Compose files, relative to the checkout.
+    #[serde(default = "default_compose_files")]
+    pub compose_files: Vec<String>,
+    /// Compose project name.
+    #[serde(default = "default_project")]
+    pub project: String,
+    #[serde(default = "default_poll_interval", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Share of the poll interval added or removed at random, in percent.
+    #[serde(default = "default_poll_jitter")]
+    pub poll_jitter_percent: u8,
+    #[serde(default = "default_git_timeout", deserialize_with = "duration")]
+    pub git_timeout: Duration,
+    #[serde(default = "default_compose_timeout", deserialize_with = "duration")]
+    pub compose_timeout: Duration,
+    #[serde(default = "default_pull_timeout", deserialize_with = "duration")]
+    pub pull_timeout: Duration,
+    /// How long every service must stay healthy after an update.
+    #[serde(default = "default_probation", deserialize_with = "duration")]
+    pub probation: Duration,
+    /// How long a service with a healthcheck may stay `starting` after the
+    /// probation window before the gate fails.
+    #[serde(default = "default_health_grace", deserialize_with = "duration")]
+    pub health_grace: Duration,
+    #[serde(default = "default_policy")]
+    pub apply_policy: ApplyPolicy,
+    /// Agent restarts allowed in one attempt before it takes the failure path.
+    #[serde(default = "default_max_resumes")]
+    pub max_resumes: u32,
+    /// First delay after a transient failure; it doubles up to the maximum.
+    #[serde(default = "default_retry_min", deserialize_with = "duration")]
+    pub retry_backoff_min: Duration,
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    pub retry_backoff_max: Duration,
+    /// Command run as the last fallback, with its arguments.
+    #[serde(default)]
+    pub factory_reset_command: Vec<String>,
+    #[serde(default = "default_reset_timeout", deserialize_with = "duration")]
+    pub factory_reset_timeout: Duration,
+}
+
+fn default_compose_files() -> Vec<String> {
+    vec!["compose.yaml".into()]
+}
+fn default_project() -> String {
+    "eventpi".into()
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_poll_jitter() -> u8 {
+    10
+}
+fn default_git_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_compose_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_pull_timeout() -> Duration {
+    Duration::from_secs(1800)
+}
+fn default_probation() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_health_grace() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_policy() -> ApplyPolicy {
+    ApplyPolicy::Immediate
+}
+fn default_max_resumes() -> u32 {
+    5
+}
+fn default_retry_min() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(900)
+}
+fn default_reset_timeout() -> Duration {
+    Duration::from_secs(1800)
+}
+
+/// LED and button backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PanelBackend {
+    /// LED changes go to the log.
+    Simulated,
+    /// rppal on the Pi's GPIO pins (needs the `gpio` build feature).
+    Gpio,
+}
+
+/// `[panel]`: the status LED and the button.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct PanelConfig {
+    pub backend: PanelBackend,
+    /// BCM GPIO number of the LED.
+    pub led_pin: u8,
+    /// BCM GPIO number of the button, wired to ground with the internal pull-up.
+    pub button_pin: u8,
+}
+
+impl Default for PanelConfig {
+    fn default() -> Self {
+        PanelConfig { backend: PanelBackend::Simulated, led_pin: 17, button_pin: 27 }
+    }
+}
+
+/// `[seams]`: sources of facts that a container or a test replaces.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SeamsConfig {
+    /// File holding the kernel's boot id as a UUID.
+    pub boot_id_file: PathBuf,
+}
+
+impl Default for SeamsConfig {
+    fn default() -> Self {
+        SeamsConfig { boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id") }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    struct DurationText;
+
+    impl serde::de::Visitor<'_> for DurationText {
+        type Value = Duration;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a duration with its unit, such as \"30s\", \"5m\" or \"1h 30m\"")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime::parse_duration(text).map_err(|error| E::custom(format!("invalid duration {text:?}: {error}; write it with a unit, such as \"30s\"")))
+        }
+    }
+
+    deserializer.deserialize_str(DurationText)
+}
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, for example `stack.poll_interval`; empty for a syntax error.
+    pub key: String,
+    /// 1-based line, where the key or the error could be located.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Error for a configuration that cannot be used, listing every problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration {} ({} problem", self.path.display(), self.problems.len())?;
+        if self.problems.len() != 1 {
+            f.write_str("s")?;
+        }
+        f.write_str("):")?;
+        for problem in &self.problems {
+            write!(f, "\n  {}: {problem}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem { key: String::new(), line: None, message: format!("cannot read the file: {error}") }],
+        })?;
+        Config::parse(&text).map_err(|problems| ConfigError { path: path.to_path_buf(), problems })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        let mut table = match toml::from_str::<toml::Table>(text) {
+            Ok(table) => table,
+            Err(error) => {
+                let line = error.span().map(|span| line_of_offset(text, span.start));
+                return Err(vec![Problem { key: String::new(), line, message: error.message().to_string() }]);
+            }
+        };
+
+        let mut sections = Sections { text, problems: Vec::new() };
+        let agent = sections.optional::<AgentConfig>(&mut table, "agent");
+        let journal = sections.required::<JournalConfig>(&mut table, "journal");
+        let docker = sections.optional::<DockerConfig>(&mut table, "docker");
+        let stack = sections.required::<StackConfig>(&mut table, "stack");
+        let panel = sections.optional::<PanelConfig>(&mut table, "panel");
+        let seams = sections.optional::<SeamsConfig>(&mut table, "seams");
+        for unknown in table.keys() {
+            sections.problem(unknown, "unknown section or key; the sections are agent, journal, docker, stack, panel and seams");
+        }
+
+        let mut problems = sections.problems;
+        match (agent, journal, docker, stack, panel, seams) {
+            (Some(agent), Some(journal), Some(docker), Some(stack), Some(panel), Some(seams)) if problems.is_empty() => {
+                let config = Config { agent, journal, docker, stack, panel, seams };
+                problems.extend(config.check(text));
+                if problems.is_empty() { Ok(config) } else { Err(problems) }
+            }
+            _ => Err(problems),
+        }
+    }
+
+    /// Returns the directory for override files and validation checkouts.
+    pub fn state_directory(&self) -> PathBuf {
+        self.agent.state_directory.clone().unwrap_or_else(|| match self.journal.directory.parent() {
+            Some(parent) => parent.join("state"),
+            None => PathBuf::from("/var/lib/eventpi-autoupdate/state"),
+        })
+    }
+
+    /// Checks values that parse but cannot work.
+    fn check(&self, text: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut report = |key: &str, message: String| {
+            problems.push(Problem { key: key.to_string(), line: line_of_key(text, key), message });
+        };
+
+        let stack = &self.stack;
+        if stack.repository.trim().is_empty() {
+            report("stack.repository", "must name a git repository URL".into());
+        }
+        if !valid_branch(&stack.branch) {
+            report("stack.branch", format!("{:?} is not a valid git branch name", stack.branch));
+        }
+        if !stack.checkout.is_absolute() {
+            report("stack.checkout", format!("{} must be an absolute path", stack.checkout.display()));
+        }
+        if stack.compose_files.is_empty() {
+            report("stack.compose_files", "must list at least one compose file".into());
+        }
+        for file in &stack.compose_files {
+            if Path::new(file).is_absolute() || file.split('/').any(|part| part == "..") {
+                report("stack.compose_files", format!("{file:?} must be a path inside the checkout, without \"..\""));
+            }
+        }
+        if !valid_project(&stack.project) {
+            report("stack.project", format!("{:?} is not a valid Compose project name: use lowercase letters, digits, '-' and '_', starting with a letter or digit", stack.project));
+        }
+        for (key, value) in [
+            ("stack.poll_interval", stack.poll_interval),
+            ("stack.git_timeout", stack.git_timeout),
+            ("stack.compose_timeout", stack.compose_timeout),
+            ("stack.pull_timeout", stack.pull_timeout),
+            ("stack.retry_backoff_min", stack.retry_backoff_min),
+            ("stack.factory_reset_timeout", stack.factory_reset_timeout),
+        ] {
+            if value.is_zero() {
+                report(key, "must be longer than zero".into());
+            }
+        }
+        if stack.poll_jitter_percent > 50 {
+            report("stack.poll_jitter_percent", format!("{} is above the maximum of 50", stack.poll_jitter_percent));
+        }
+        if stack.retry_backoff_max < stack.retry_backoff_min {
+            report("stack.retry_backoff_max", "must not be shorter than stack.retry_backoff_min".into());
+        }
+        if !self.journal.directory.is_absolute() {
+            report("journal.directory", format!("{} must be an absolute path", self.journal.directory.display()));
+        }
+        if self.journal.size_kib < 36 {
+            report("journal.size_kib", format!("{} KiB is below the minimum of 36 KiB", self.journal.size_kib));
+        }
+        if let Some(host) = &self.docker.host {
+            if !host.starts_with("unix://") {
+                report("docker.host", format!("{host:?} is not supported: use a unix:// socket path"));
+            }
+        }
+        if let Some(platform) = &self.docker.platform {
+            if crate::platform::Platform::parse(platform).is_none() {
+                report("docker.platform", format!("{platform:?} is not a platform: write os/arch or os/arch/variant, for example linux/arm64"));
+            }
+        }
+        if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));
+        }
+        problems
+    }
+}
+
+struct Sections<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Sections<'_> {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem { key: key.to_string(), line: line_of_key(self.text, key), message: message.into() });
+    }
+
+    fn required<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<T> {
+        if !table.contains_key(name) {
+            self.problem(name, format!("missing section [{name}]"));
+            return None;
+        }
+        self.optional(table, name)
+    }
+
+    fn optional<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<T> {
+        let value = table.remove(name).unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+        if !value.is_table() {
+            self.problem(name, format!("must be a table: write it as [{name}]"));
+            return None;
+        }
+
+        let mut unknown = Vec::new();
+        let mut collect = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let ignoring = serde_ignored::Deserializer::new(value, &mut collect);
+        let result = serde_path_to_error::deserialize::<_, T>(ignoring);
+        for key in unknown {
+            self.problem(&format!("{name}.{key}"), "unknown key");
+        }
+        match result {
+            Ok(section) => Some(section),
+            Err(error) => {
+                let path = error.path().to_string();
+                let key = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
+                let message = error.into_inner().to_string();
+                let message = match message.strip_prefix("unknown field ") {
+                    Some(rest) => format!("unknown key {rest}"),
+                    None => message,
+                };
+                self.problem(&key, message);
+                None
+            }
+        }
+    }
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line of a dotted key: its `key = ...` line inside its table, or
+/// the table's header for a section. Returns `None` for a key not written in
+/// the file, such as a missing one.
+pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut current: Vec<String> = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let header = header.trim_start_matches('[');
+            let name = header.split(']').next().unwrap_or_default();
+            current = name.split('.').map(|part| part.trim().trim_matches('"').to_string()).collect();
+            if current == parts {
+                return Some(index + 1);
+            }
+            continue;
+        }
+        let Some((name, _)) = line.split_once('=') else { continue };
+        let mut full = current.clone();
+        full.extend(name.trim().split('.').map(|part| part.trim().trim_matches('"').to_string()));
+        if full == parts {
+            return Some(index + 1);
+        }
+    }
+    None
+}
+
+fn valid_branch(branch: &str) -> bool {
+    !branch.is_empty()
+        && !branch.starts_with('-')
+        && !branch.starts_with('/')
+        && !branch.ends_with('/')
+        && !branch.ends_with(".lock")
+        && !branch.contains("..")
+        && !branch.contains("@{")
+        && !branch.chars().any(|character| character.is_control() || " ~^:?*[\\".contains(character))
+}
+
+fn valid_project(project: &str) -> bool {
+    let mut characters = project.chars();
+    let first_valid = characters.next().is_some_and(|first| first.is_ascii_lowercase() || first.is_ascii_digit());
+    first_valid && characters.all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || character == '-' || character == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[journal]
+directory = "/var/lib/eventpi/journal"
+
+[stack]
+repository = "git://127.0.0.1/stack.git"
+branch = "device-0001"
+checkout = "/srv/eventpi/stack"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse(MINIMAL).unwrap();
+
+        assert_eq!(config.stack.poll_interval, Duration::from_secs(60));
+        assert_eq!(config.stack.compose_files, vec!["compose.yaml".to_string()]);
+        assert_eq!(config.stack.apply_policy, ApplyPolicy::Immediate);
+        assert_eq!(config.state_directory(), PathBuf::from("/var/lib/eventpi/state"));
+    }
+
+    #[test]
+    fn bare_number_duration_is_rejected() {
+        let text = MINIMAL.replace("checkout =", "poll_interval = 60\ncheckout =");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "stack.poll_interval");
+        assert_eq!(problems[0].line, Some(8));
+        assert!(problems[0].message.contains("with its unit"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = format!("{MINIMAL}\nsurprise = 1\n[panel]\nled_pin = 5\ncolour = \"red\"\n[agent]\nlog_format = \"fancy\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
+
+        assert!(keys.contains(&"stack.surprise"), "{keys:?}");
+        assert!(keys.contains(&"panel.colour"), "{keys:?}");
+        assert!(keys.contains(&"agent.log_format"), "{keys:?}");
+    }
+
+    #[test]
+    fn unknown_key_has_its_line() {
+        let text = MINIMAL.replace("branch =", "brnach = \"x\"\nbranch =");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems[0].key, "stack.brnach");
+        assert_eq!(problems[0].line, Some(7));
+    }
+
+    #[test]
+    fn syntax_error_has_its_line() {
+        let problems = Config::parse("[journal\ndirectory = 1\n").unwrap_err();
+
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].line, Some(1));
+    }
+
+    #[test]
+    fn missing_sections_are_named() {
+        let problems = Config::parse("").unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
+
+        assert_eq!(keys, vec!["journal", "stack"]);
+    }
+
+    #[test]
+    fn semantic_problems_are_all_listed() {
+        let text = MINIMAL
+            .replace("device-0001", "bad..branch")
+            .replace("/srv/eventpi/stack", "relative/path")
+            .replace("[stack]", "[stack]\nproject = \"Bad Name\"");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
+
+        assert_eq!(keys, vec!["stack.branch", "stack.checkout", "stack.project"]);
+    }
+}

@@ -1,0 +1,313 @@
+//! The Docker engine, through its API (bollard): pulls, image platforms,
+//! keep-tags and the state of a Compose project's containers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::query_parameters::{
+    CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    RemoveImageOptionsBuilder, TagImageOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use crate::model::{Digest, ImageReference, canonical_repository};
+use crate::platform::Platform;
+
+/// Compose's label naming the project of a container.
+pub const PROJECT_LABEL: &str = "com.docker.compose.project";
+/// Compose's label naming the service of a container.
+pub const SERVICE_LABEL: &str = "com.docker.compose.service";
+/// Compose's label on containers of `docker compose run`.
+pub const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+
+/// Repository of the keep-tags, under which known-good images stay tagged.
+pub const KEEP_REPOSITORY: &str = "autoupdate-keep";
+
+/// Errors of engine operations.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine's socket cannot be reached.
+    #[error("Docker engine at {host} is unreachable: {source}")]
+    Unreachable { host: String, source: bollard::errors::Error },
+
+    /// The registry has no such image or tag.
+    #[error("image {image} does not exist in its registry: {detail}")]
+    ImageNotFound { image: String, detail: String },
+
+    /// The registry refused the credentials, or asked for some.
+    #[error("registry refused access to {image}: {detail}; check the registry credentials")]
+    AccessDenied { image: String, detail: String },
+
+    /// The registry could not be reached or failed during the pull.
+    #[error("pull of {image} failed: {detail}")]
+    PullFailed { image: String, detail: String },
+
+    /// The pull took longer than its timeout.
+    #[error("pull of {image} timed out after {}", humantime::format_duration(*timeout))]
+    PullTimedOut { image: String, timeout: Duration },
+
+    /// The image was pulled but is built for another platform.
+    #[error("image {image} is built for {image_platform}, but this device runs {device_platform}")]
+    WrongPlatform { image: String, image_platform: String, device_platform: String },
+
+    /// The pulled image carries no digest for its repository.
+    #[error("image {image} has no registry digest after the pull")]
+    NoDigest { image: String },
+
+    /// An image reference in a compose file does not parse.
+    #[error("invalid image reference {image:?}")]
+    BadReference { image: String },
+
+    /// Any other API call failed.
+    #[error("Docker API call {call} failed: {source}")]
+    Api { call: &'static str, source: bollard::errors::Error },
+}
+
+/// What a health gate needs to know about one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerStatus {
+    pub id: String,
+    pub name: String,
+    pub service: String,
+    /// Docker's state: `running`, `exited`, `restarting`, ...
+    pub state: String,
+    /// `starting`, `healthy` or `unhealthy` for a container with a healthcheck.
+    pub health: Option<String>,
+    pub restart_count: i64,
+    pub exit_code: i64,
+    /// The image reference the container was created from.
+    pub image: String,
+    pub started_at: String,
+}
+
+/// A connected engine with a negotiated API version.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    docker: Docker,
+    host: String,
+    platform: Platform,
+}
+
+impl Engine {
+    /// Connects to the engine and negotiates the API version (the engine may
+    /// be older than bollard's default). `platform` overrides the platform
+    /// that images must match; by default it is the engine's own.
+    pub async fn connect(host: Option<&str>, platform: Option<Platform>) -> Result<Engine, EngineError> {
+        let host = host
+            .map(str::to_string)
+            .or_else(|| std::env::var("DOCKER_HOST").ok())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+        let unreachable = |source| EngineError::Unreachable { host: host.clone(), source };
+
+        let socket = host.strip_prefix("unix://").unwrap_or(&host);
+        let docker = Docker::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION).map_err(unreachable)?;
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        let info = docker.info().await.map_err(unreachable)?;
+
+        let engine_platform = Platform::from_engine(
+            info.os_type.as_deref().unwrap_or("linux"),
+            info.architecture.as_deref().unwrap_or("unknown"),
+        );
+        let platform = platform.unwrap_or(engine_platform);
+        Ok(Engine { docker, host, platform })
+    }
+
+    pub fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    pub fn api(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Pulls `image`, checks its platform and returns the manifest digest
+    /// that the registry served.
+    pub async fn pull(&self, image: &str, timeout: Duration) -> Result<Digest, EngineError> {
+        let reference = ImageReference::parse(image).map_err(|_| EngineError::BadReference { image: image.to_string() })?;
+        let tag = match (&reference.digest, &reference.tag) {
+            (Some(digest), _) => digest.to_string(),
+            (None, Some(tag)) => tag.clone(),
+            (None, None) => "latest".to_string(),
+        };
+        let options = CreateImageOptionsBuilder::default().from_image(&reference.repository).tag(&tag).build();
+
+        let pull = async {
+            let mut stream = self.docker.create_image(Some(options), None, None);
+            let mut served_digest = None;
+            let mut layers_done = 0usize;
+            while let Some(item) = stream.next().await {
+                let info = item.map_err(|error| classify_pull_error(image, error))?;
+                let status = info.status.unwrap_or_default();
+                if let Some(digest) = status.strip_prefix("Digest: ") {
+                    served_digest = digest.trim().parse::<Digest>().ok();
+                }
+                if status == "Pull complete" || status == "Already exists" {
+                    layers_done += 1;
+                    tracing::debug!(image, layer = info.id.as_deref().unwrap_or(""), layers_done, "layer ready");
+                }
+            }
+            Ok::<_, EngineError>(served_digest)
+        };
+        let served_digest = tokio::time::timeout(timeout, pull)
+            .await
+            .map_err(|_| EngineError::PullTimedOut { image: image.to_string(), timeout })??;
+
+        let inspect = self.docker.inspect_image(image).await.map_err(|source| EngineError::Api { call: "inspect image", source })?;
+        self.check_platform(image, &inspect)?;
+
+        if let Some(digest) = reference.digest.or(served_digest) {
+            return Ok(digest);
+        }
+        let wanted = reference.canonical_repository();
+        inspect
+            .repo_digests
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|entry| entry.split_once('@'))
+            .find(|(repository, _)| canonical_repository(repository) == wanted)
+            .and_then(|(_, digest)| digest.parse().ok())
+            .ok_or_else(|| EngineError::NoDigest { image: image.to_string() })
+    }
+
+    fn check_platform(&self, image: &str, inspect: &bollard::models::ImageInspect) -> Result<(), EngineError> {
+        let image_platform = Platform {
+            os: inspect.os.clone().unwrap_or_else(|| "linux".into()),
+            architecture: inspect.architecture.clone().unwrap_or_default(),
+            variant: inspect.variant.clone().filter(|variant| !variant.is_empty()),
+        };
+        if self.platform.accepts(&image_platform) {
+            return Ok(());
+        }
+        Err(EngineError::WrongPlatform {
+            image: image.to_string(),
+            image_platform: image_platform.to_string(),
+            device_platform: self.platform.to_string(),
+        })
+    }
+
+    /// Tells whether the engine has an image for `reference` (a tag or a
+    /// `repository@digest`).
+    pub async fn has_image(&self, reference: &str) -> bool {
+        self.docker.inspect_image(reference).await.is_ok()
+    }
+
+    /// Tags `source` as `autoupdate-keep/<project>:<tag>`.
+    pub async fn keep_tag(&self, source: &str, project: &str, tag: &str) -> Result<(), EngineError> {
+        let repository = format!("{KEEP_REPOSITORY}/{project}");
+        let options = TagImageOptionsBuilder::default().repo(&repository).tag(tag).build();
+        self.docker.tag_image(source, Some(options)).await.map_err(|source| EngineError::Api { call: "tag image", source })
+    }
+
+    /// Lists the keep-tags of `project`, as full `repository:tag` references.
+    pub async fn keep_tags(&self, project: &str) -> Result<Vec<String>, EngineError> {
+        let repository = format!("{KEEP_REPOSITORY}/{project}");
+        let filters = HashMap::from([("reference".to_string(), vec![format!("{repository}:*")])]);
+        let options = ListImagesOptionsBuilder::default().filters(&filters).build();
+        let images = self.docker.list_images(Some(options)).await.map_err(|source| EngineError::Api { call: "list images", source })?;
+        let prefix = format!("{repository}:");
+        Ok(images.into_iter().flat_map(|image| image.repo_tags).filter(|tag| tag.starts_with(&prefix)).collect())
+    }
+
+    /// Removes one tag; the image stays while other tags or containers use it.
+    pub async fn remove_tag(&self, reference: &str) -> Result<(), EngineError> {
+        let options = RemoveImageOptionsBuilder::default().noprune(false).force(false).build();
+        match self.docker.remove_image(reference, Some(options), None).await {
+            Ok(_) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(EngineError::Api { call: "remove image tag", source }),
+        }
+    }
+
+    /// Returns every container of a Compose project except one-off ones.
+    pub async fn project_containers(&self, project: &str) -> Result<Vec<ContainerStatus>, EngineError> {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{PROJECT_LABEL}={project}")])]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let summaries =
+            self.docker.list_containers(Some(options)).await.map_err(|source| EngineError::Api { call: "list containers", source })?;
+
+        let mut containers = Vec::new();
+        for summary in summaries {
+            let labels = summary.labels.unwrap_or_default();
+            if labels.get(ONEOFF_LABEL).is_some_and(|value| value.eq_ignore_ascii_case("true")) {
+                continue;
+            }
+            let Some(id) = summary.id else { continue };
+            let inspect = match self.docker.inspect_container(&id, None::<InspectContainerOptions>).await {
+                Ok(inspect) => inspect,
+                // Removed between the list and the inspect: not part of the project any more.
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => continue,
+                Err(source) => return Err(EngineError::Api { call: "inspect container", source }),
+            };
+            let state = inspect.state.unwrap_or_default();
+            containers.push(ContainerStatus {
+                id: id.clone(),
+                name: inspect.name.unwrap_or_default().trim_start_matches('/').to_string(),
+                service: labels.get(SERVICE_LABEL).cloned().unwrap_or_default(),
+                state: state.status.map(|status| status.to_string()).unwrap_or_default(),
+                health: state.health.and_then(|health| health.status).map(|status| status.to_string()).filter(|status| !status.is_empty() && status != "none"),
+                restart_count: inspect.restart_count.unwrap_or(0),
+                exit_code: state.exit_code.unwrap_or(0),
+                image: inspect.config.and_then(|config| config.image).unwrap_or_default(),
+                started_at: state.started_at.unwrap_or_default(),
+            });
+        }
+        Ok(containers)
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+/// Sorts a pull failure into "the image does not exist" (the commit is at
+/// fault), "access denied" (the device's credentials are), and everything else
+/// (the registry or the network failed, so retrying may help).
+fn classify_pull_error(image: &str, error: bollard::errors::Error) -> EngineError {
+    let detail = match &error {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        bollard::errors::Error::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    };
+    let lower = detail.to_lowercase();
+    let missing = ["manifest unknown", "not found", "name unknown", "repository does not exist", "no such image"];
+    let denied = ["unauthorized", "authentication required", "denied", "no basic auth credentials"];
+    if let bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } = error {
+        return EngineError::ImageNotFound { image: image.to_string(), detail };
+    }
+    if missing.iter().any(|pattern| lower.contains(pattern)) && !lower.contains("dial tcp") {
+        return EngineError::ImageNotFound { image: image.to_string(), detail };
+    }
+    if denied.iter().any(|pattern| lower.contains(pattern)) && !lower.contains("repository does not exist") {
+        return EngineError::AccessDenied { image: image.to_string(), detail };
+    }
+    EngineError::PullFailed { image: image.to_string(), detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(status_code: u16, message: &str) -> bollard::errors::Error {
+        bollard::errors::Error::DockerResponseServerError { status_code, message: message.to_string() }
+    }
+
+    #[test]
+    fn missing_manifest_is_image_not_found() {
+        let error = classify_pull_error("r/app:9", server_error(404, "manifest for r/app:9 not found: manifest unknown"));
+        assert!(matches!(error, EngineError::ImageNotFound { .. }));
+    }
+
+    #[test]
+    fn refused_connection_is_pull_failure() {
+        let message = "Get \"http://127.0.0.1:5999/v2/\": dial tcp 127.0.0.1:5999: connect: connection refused";
+        let error = classify_pull_error("r/app:1", server_error(500, message));
+        assert!(matches!(error, EngineError::PullFailed { .. }));
+    }
+
+    #[test]
+    fn unauthorized_is_access_denied() {
+        let error = classify_pull_error("r/app:1", server_error(500, "Head \"...\": unauthorized: authentication required"));
+        assert!(matches!(error, EngineError::AccessDenied { .. }));
+    }
+}

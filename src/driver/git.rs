@@ -1,0 +1,288 @@
+//! The device's clone of its branch, driven through the `git` command.
+//!
+//! The clone is a mirror: `fetch` with a forced refspec, then check out the
+//! remote tip on the local branch with a hard reset. Nothing is ever merged,
+//! so a force-pushed branch is followed, not stuck. The working tree changes
+//! only when a release is applied; a new commit is validated in a separate
+//! staging directory so the running stack's files stay as they are.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::driver::process::{self, CommandSpec, ProcessError};
+use crate::model::CommitId;
+
+/// Ref that keeps the last known-good commit reachable in the clone, so
+/// neither a force-push nor `git gc` can take it away.
+pub const KNOWN_GOOD_REF: &str = "refs/autoupdate/known-good";
+
+/// Errors of git operations.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// The git server could not be reached or stopped answering.
+    #[error("git server {url} is unreachable: {detail}")]
+    Unreachable { url: String, detail: String },
+
+    /// The repository has no branch with this name.
+    #[error("branch {branch:?} does not exist in {url}; push it or fix stack.branch")]
+    BranchMissing { url: String, branch: String },
+
+    /// The clone is damaged and could not be repaired by cloning again.
+    #[error("clone {checkout} is damaged: {detail}")]
+    Damaged { checkout: PathBuf, detail: String },
+
+    /// The commit is not in the clone.
+    #[error("commit {commit} is not in the clone {checkout}")]
+    MissingCommit { commit: CommitId, checkout: PathBuf },
+
+    /// A file operation around the clone failed.
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+
+    /// A git command failed in a way none of the above explains.
+    #[error(transparent)]
+    Command(#[from] ProcessError),
+}
+
+impl GitError {
+    /// Tells whether trying again later may succeed without anyone acting.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, GitError::Unreachable { .. } | GitError::BranchMissing { .. } | GitError::Command(ProcessError::TimedOut { .. }))
+    }
+}
+
+/// The device's clone of one branch.
+#[derive(Debug, Clone)]
+pub struct GitMirror {
+    pub url: String,
+    pub branch: String,
+    pub checkout: PathBuf,
+    pub timeout: Duration,
+}
+
+impl GitMirror {
+    /// Builds a git command with no prompts, no user or system configuration
+    /// and messages in English, so that errors can be classified.
+    fn git(&self, directory: &Path) -> CommandSpec {
+        CommandSpec::new("git", self.timeout)
+            .current_dir(directory)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+            .env("LC_ALL", "C")
+            .args(["-c", "gc.autoDetach=false", "-c", "maintenance.auto=false", "-c", "credential.helper="])
+    }
+
+    fn remote_ref(&self) -> String {
+        format!("refs/remotes/origin/{}", self.branch)
+    }
+
+    /// Fetches the branch and returns its tip. Clones first on an empty
+    /// device, and clones again beside a clone that git cannot use.
+    pub async fn fetch(&self) -> Result<CommitId, GitError> {
+        if !self.is_usable().await {
+            self.clone_fresh().await?;
+        }
+        remove_stale_locks(&self.checkout.join(".git"));
+
+        match self.fetch_once().await {
+            Ok(tip) => Ok(tip),
+            Err(error) if error.is_transient() => Err(error),
+            Err(error) => {
+                if self.is_usable().await {
+                    return Err(error);
+                }
+                tracing::warn!(checkout = %self.checkout.display(), %error, "clone is damaged, cloning it again");
+                self.clone_fresh().await?;
+                self.fetch_once().await
+            }
+        }
+    }
+
+    async fn fetch_once(&self) -> Result<CommitId, GitError> {
+        let set_url = self.git(&self.checkout).args(["remote", "set-url", "origin", &self.url]);
+        process::run(&set_url).await?;
+
+        let refspec = format!("+refs/heads/{}:{}", self.branch, self.remote_ref());
+        let fetch = self.git(&self.checkout).args(["fetch", "--no-tags", "--prune", "--quiet", "origin", &refspec]);
+        process::run(&fetch).await.map_err(|error| self.classify(error))?;
+        self.resolve(&self.remote_ref()).await
+    }
+
+    async fn resolve(&self, reference: &str) -> Result<CommitId, GitError> {
+        let spec = self.git(&self.checkout).args(["rev-parse", "--verify", "--quiet", &format!("{reference}^{{commit}}")]);
+        let output = process::run(&spec).await?;
+        output.stdout.trim().parse().map_err(|_| GitError::Damaged {
+            checkout: self.checkout.clone(),
+            detail: format!("{reference} resolves to {:?}, not a commit id", output.stdout.trim()),
+        })
+    }
+
+    /// Tells whether the clone exists and git can read its HEAD commit.
+    pub async fn is_usable(&self) -> bool {
+        if !self.checkout.join(".git").is_dir() {
+            return false;
+        }
+        remove_stale_locks(&self.checkout.join(".git"));
+        let head = self.git(&self.checkout).args(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"]);
+        let status = self.git(&self.checkout).args(["status", "--porcelain", "--untracked-files=no"]);
+        process::run(&head).await.is_ok() && process::run(&status).await.is_ok()
+    }
+
+    fn classify(&self, error: ProcessError) -> GitError {
+        let stderr = error.stderr().to_string();
+        let network = [
+            "Could not resolve host",
+            "Connection refused",
+            "Connection timed out",
+            "Connection reset",
+            "unable to connect",
+            "Network is unreachable",
+            "remote end hung up",
+            "early EOF",
+            "unable to access",
+            "Could not read from remote repository",
+            "read error",
+            "No route to host",
+            "Operation timed out",
+        ];
+        if stderr.contains("couldn't find remote ref") {
+            return GitError::BranchMissing { url: self.url.clone(), branch: self.branch.clone() };
+        }
+        if let ProcessError::TimedOut { .. } = error {
+            return GitError::Unreachable { url: self.url.clone(), detail: error.to_string() };
+        }
+        if network.iter().any(|pattern| stderr.contains(pattern)) {
+            return GitError::Unreachable { url: self.url.clone(), detail: process::last_lines(&stderr, 2) };
+        }
+        GitError::Command(error)
+    }
+
+    /// Clones the branch beside the checkout and swaps it in. A damaged clone
+    /// is moved aside to `<checkout>.damaged` rather than deleted, because
+    /// untracked files in it may be data a service wrote.
+    async fn clone_fresh(&self) -> Result<(), GitError> {
+        let parent = self.checkout.parent().unwrap_or(Path::new("/"));
+        let name = self.checkout.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        std::fs::create_dir_all(parent).map_err(|source| GitError::Io { action: "create", path: parent.to_path_buf(), source })?;
+
+        let fresh = parent.join(format!(".{name}.clone"));
+        remove_path(&fresh)?;
+        let clone = self
+            .git(parent)
+            .args(["clone", "--quiet", "--no-tags", "--single-branch", "--branch", &self.branch, &self.url])
+            .arg(fresh.as_os_str());
+        if let Err(error) = process::run(&clone).await {
+            remove_path(&fresh)?;
+            return Err(match self.classify(error) {
+                GitError::Command(error) if error.stderr().contains("not found in upstream") => {
+                    GitError::BranchMissing { url: self.url.clone(), branch: self.branch.clone() }
+                }
+                other => other,
+            });
+        }
+
+        if self.checkout.exists() && !is_empty_directory(&self.checkout) {
+            let aside = parent.join(format!("{name}.damaged"));
+            remove_path(&aside)?;
+            std::fs::rename(&self.checkout, &aside).map_err(|source| GitError::Io { action: "move aside", path: self.checkout.clone(), source })?;
+            tracing::warn!(checkout = %self.checkout.display(), moved_to = %aside.display(), "moved the damaged clone aside");
+        } else {
+            remove_path(&self.checkout)?;
+        }
+        std::fs::rename(&fresh, &self.checkout).map_err(|source| GitError::Io { action: "rename", path: fresh.clone(), source })?;
+        tracing::info!(checkout = %self.checkout.display(), url = %self.url, branch = %self.branch, "cloned the device branch");
+        Ok(())
+    }
+
+    /// Writes the files of `commit` into `directory`, emptied first, without
+    /// touching the checkout's working tree or index.
+    pub async fn stage(&self, commit: CommitId, directory: &Path) -> Result<(), GitError> {
+        self.ensure_commit(commit).await?;
+        remove_path(directory)?;
+        std::fs::create_dir_all(directory).map_err(|source| GitError::Io { action: "create", path: directory.to_path_buf(), source })?;
+
+        let index = directory.with_extension("index");
+        remove_path(&index)?;
+        let index_text = index.to_string_lossy().into_owned();
+        let read_tree = self.git(&self.checkout).env("GIT_INDEX_FILE", &index_text).args(["read-tree", &commit.to_string()]);
+        process::run(&read_tree).await?;
+
+        let prefix = format!("{}/", directory.display());
+        let checkout_index =
+            self.git(&self.checkout).env("GIT_INDEX_FILE", &index_text).args(["checkout-index", "--all", "--force", &format!("--prefix={prefix}")]);
+        let result = process::run(&checkout_index).await;
+        remove_path(&index)?;
+        result?;
+        Ok(())
+    }
+
+    /// Puts the working tree and the local branch at `commit`, discarding any
+    /// local change and any merge or rebase in progress.
+    pub async fn check_out(&self, commit: CommitId) -> Result<(), GitError> {
+        self.ensure_commit(commit).await?;
+        remove_stale_locks(&self.checkout.join(".git"));
+        let commit_text = commit.to_string();
+        for operation in ["rebase-merge", "rebase-apply"] {
+            remove_path(&self.checkout.join(".git").join(operation))?;
+        }
+        let switch = self.git(&self.checkout).args(["checkout", "--quiet", "--force", "-B", &self.branch, &commit_text]);
+        process::run(&switch).await?;
+        let reset = self.git(&self.checkout).args(["reset", "--quiet", "--hard", &commit_text]);
+        process::run(&reset).await?;
+        Ok(())
+    }
+
+    /// Points [`KNOWN_GOOD_REF`] at `commit`.
+    pub async fn mark_known_good(&self, commit: CommitId) -> Result<(), GitError> {
+        let spec = self.git(&self.checkout).args(["update-ref", KNOWN_GOOD_REF, &commit.to_string()]);
+        process::run(&spec).await?;
+        Ok(())
+    }
+
+    async fn ensure_commit(&self, commit: CommitId) -> Result<(), GitError> {
+        let spec = self.git(&self.checkout).args(["cat-file", "-e", &format!("{commit}^{{commit}}")]);
+        process::run(&spec).await.map_err(|_| GitError::MissingCommit { commit, checkout: self.checkout.clone() })?;
+        Ok(())
+    }
+}
+
+/// Removes lock files that a process killed in the middle of a git command
+/// leaves behind. Only the agent runs git in this clone, and it runs one
+/// command at a time, so a lock found before a command starts is stale.
+fn remove_stale_locks(git_directory: &Path) {
+    let candidates = ["index.lock", "HEAD.lock", "config.lock", "shallow.lock", "packed-refs.lock", "ORIG_HEAD.lock", "FETCH_HEAD.lock"];
+    for name in candidates {
+        let path = git_directory.join(name);
+        if path.exists() && std::fs::remove_file(&path).is_ok() {
+            tracing::warn!(lock = %path.display(), "removed a stale git lock file");
+        }
+    }
+    remove_ref_locks(&git_directory.join("refs"));
+}
+
+fn remove_ref_locks(directory: &Path) {
+    let Ok(entries) = std::fs::read_dir(directory) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            remove_ref_locks(&path);
+        } else if path.extension().is_some_and(|extension| extension == "lock") && std::fs::remove_file(&path).is_ok() {
+            tracing::warn!(lock = %path.display(), "removed a stale git ref lock file");
+        }
+    }
+}
+
+fn is_empty_directory(path: &Path) -> bool {
+    std::fs::read_dir(path).map(|mut entries| entries.next().is_none()).unwrap_or(false)
+}
+
+fn remove_path(path: &Path) -> Result<(), GitError> {
+    let result = match std::fs::symlink_metadata(path) {
+        Err(_) => return Ok(()),
+        Ok(metadata) if metadata.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    result.map_err(|source| GitError::Io { action: "remove", path: path.to_path_buf(), source })
+}

@@ -1,0 +1,552 @@
+//! Runs the stack machine: feeds it events, persists every step to the
+//! journal, and only then runs the commands the step queued.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::ApplyPolicy;
+use crate::driver::compose::Compose;
+use crate::driver::docker::{Engine, EngineError};
+use crate::driver::git::GitMirror;
+use crate::driver::health::{self, GateSettings};
+use crate::driver::process::{self, CommandSpec};
+use crate::failpoint::{self, Point};
+use crate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord};
+use crate::journal::{Journal, JournalError, Record};
+use crate::machine::MachineKind;
+use crate::machine::stack::{
+    ApplyPurpose, Outcome, StackCommand, StackEvent, StackEvents, StackFacts, StackMachine, StackPlan, StackSettings,
+    StackState, Step,
+};
+use crate::model::{CommitId, Failure, Release, ServiceImage};
+use crate::panel::{Board, Condition, Source};
+use crate::seams::Seams;
+
+/// A journal shared by the machines of one agent.
+pub type SharedJournal = Arc<Mutex<Journal>>;
+
+/// Name of the override file, inside the state directory.
+const OVERRIDE_FILE: &str = "pinned.override.json";
+
+/// What the stack driver reads from the configuration.
+#[derive(Debug, Clone)]
+pub struct DriverSettings {
+    pub poll_interval: Duration,
+    pub poll_jitter_percent: u8,
+    pub retry_backoff_min: Duration,
+    pub retry_backoff_max: Duration,
+    pub pull_timeout: Duration,
+    pub probation: Duration,
+    pub health_grace: Duration,
+    pub apply_policy: ApplyPolicy,
+    pub state_directory: PathBuf,
+    pub factory_reset_command: Vec<String>,
+    pub factory_reset_timeout: Duration,
+    pub machine: StackSettings,
+}
+
+/// Errors that stop the stack driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The journal cannot record a step, so the driver must not act on it.
+    #[error("cannot record a stack transition: {0}")]
+    Journal(#[from] JournalError),
+}
+
+/// The stack machine with everything it needs to act.
+pub struct StackDriver {
+    machine: StackMachine,
+    queue: VecDeque<StackCommand>,
+    /// A poll's first step, held back until the poll turns out to find
+    /// something new, so that quiet polls do not wear the journal.
+    deferred: Option<Step>,
+    backoff: Option<Duration>,
+    journal: SharedJournal,
+    seams: Seams,
+    engine: Engine,
+    git: GitMirror,
+    compose: Compose,
+    settings: DriverSettings,
+    board: Board,
+    wake: Arc<Notify>,
+}
+
+impl StackDriver {
+    /// Builds the driver with the machine in the state the journal records.
+    pub fn new(
+        journal: SharedJournal,
+        seams: Seams,
+        engine: Engine,
+        git: GitMirror,
+        compose: Compose,
+        settings: DriverSettings,
+        board: Board,
+        wake: Arc<Notify>,
+    ) -> StackDriver {
+        let (state, memory) = {
+            let journal = journal.lock().expect("no code panics while holding the journal lock");
+            let view = journal.state().machine(MachineKind::Stack.code());
+            let code = view.and_then(|view| view.state);
+            let state = code.and_then(StackState::from_code).unwrap_or_else(|| {
+                if let Some(code) = code {
+                    tracing::warn!(machine = "stack", code, "the journal holds a state this version does not know; starting from Idle");
+                }
+                StackState::Idle
+            });
+            (state, journal.state().stack_memory.clone().unwrap_or_default())
+        };
+        let machine = StackMachine::restore(state, memory, settings.machine);
+        StackDriver {
+            machine,
+            queue: VecDeque::new(),
+            deferred: None,
+            backoff: None,
+            journal,
+            seams,
+            engine,
+            git,
+            compose,
+            settings,
+            board,
+            wake,
+        }
+    }
+
+    pub fn state(&self) -> StackState {
+        self.machine.state()
+    }
+
+    /// Runs the machine until the journal fails. The caller stops it by
+    /// dropping the future; a command in progress is then cancelled and
+    /// repeated after the restart, because the step that started it is
+    /// already persisted.
+    pub async fn run(mut self) -> Result<(), DriverError> {
+        self.publish();
+        if self.machine.state() != StackState::Idle {
+            tracing::info!(machine = "stack", state = self.machine.state().name(), "resuming after a restart");
+            self.feed(StackEvents::Resumed)?;
+        }
+
+        loop {
+            if let Some(command) = self.queue.pop_front() {
+                failpoint::hit("stack", self.machine.state().name(), Point::BeforeCommand);
+                if let Some(event) = self.execute(command).await {
+                    self.feed(event)?;
+                }
+                continue;
+            }
+
+            if self.machine.state() != StackState::Idle {
+                // A busy state with no command: its action could not queue one
+                // because the memory lacks what it needs. Resuming takes the
+                // state's own recovery path.
+                tracing::error!(machine = "stack", state = self.machine.state().name(), "no command queued in a busy state; resuming it");
+                tokio::time::sleep(self.settings.retry_backoff_min).await;
+                self.feed(StackEvents::Resumed)?;
+                continue;
+            }
+            self.wait_for_poll().await;
+            self.feed(StackEvents::Poll)?;
+        }
+    }
+
+    /// Feeds one event and persists the step before queuing its commands.
+    fn feed(&mut self, event: StackEvents) -> Result<(), DriverError> {
+        let facts = StackFacts { boot_id: self.seams.boot_id.boot_id() };
+        let step = match self.machine.handle(event, facts) {
+            Ok(step) => step,
+            Err(unexpected) => {
+                tracing::warn!(machine = "stack", error = %unexpected, "event ignored");
+                return Ok(());
+            }
+        };
+
+        self.persist(&step)?;
+        self.log_step(&step);
+        self.queue.extend(step.commands.iter().cloned());
+        self.publish();
+        Ok(())
+    }
+
+    /// Appends the step to the journal and syncs it. A poll's first step
+    /// (`Idle` or `Ready` to `Fetching`) is held back: fetching changes
+    /// nothing on the device, and when the poll ends where it began with the
+    /// memory unchanged, neither step is written.
+    fn persist(&mut self, step: &Step) -> Result<(), DriverError> {
+        let quiet_start = step.event == StackEvent::Poll && matches!(step.from, StackState::Idle | StackState::Ready);
+        if quiet_start && !step.memory_changed {
+            self.deferred = Some(step.clone());
+            return Ok(());
+        }
+
+        if let Some(deferred) = self.deferred.take() {
+            let unchanged = step.to == deferred.from && !step.memory_changed && step.failure.is_none();
+            if unchanged {
+                tracing::debug!(machine = "stack", "poll found nothing new");
+                return Ok(());
+            }
+            self.append_step(&deferred)?;
+        }
+        self.append_step(step)
+    }
+
+    fn append_step(&mut self, step: &Step) -> Result<(), DriverError> {
+        let meta = self.seams.meta();
+        let memory = self.machine.memory();
+        let attempt = step.attempt;
+        let mut records = vec![Record::Transition(TransitionRecord {
+            meta,
+            machine: MachineKind::Stack.code(),
+            from: step.from.code(),
+            event: step.event.code(),
+            to: step.to.code(),
+            attempt,
+        })];
+        if step.memory_changed {
+            records.push(Record::StackMemory(StackMemoryRecord { meta, memory: memory.clone() }));
+        }
+        if let Some(failure) = &step.failure {
+            records.push(Record::MachineError(MachineErrorRecord {
+                meta,
+                machine: MachineKind::Stack.code(),
+                message: failure.message.clone(),
+            }));
+        }
+
+        self.journal.lock().expect("no code panics while holding the journal lock").append(records)?;
+        failpoint::hit("stack", step.to.name(), Point::AfterPersist);
+        Ok(())
+    }
+
+    fn log_step(&self, step: &Step) {
+        let memory = self.machine.memory();
+        let commit = step.target.map(|target| target.short()).unwrap_or_default();
+        let routine = step.event == StackEvent::Poll || (step.from == StackState::Fetching && step.to == StackState::Idle && step.failure.is_none());
+        if (step.from == step.to || routine) && step.failure.is_none() {
+            tracing::debug!(machine = "stack", from = step.from.name(), event = step.event.name(), to = step.to.name(), "transition");
+            return;
+        }
+        tracing::info!(machine = "stack", from = step.from.name(), event = step.event.name(), to = step.to.name(), commit, "transition");
+        if let Some(failure) = &step.failure {
+            tracing::warn!(machine = "stack", state = step.from.name(), commit, error = %failure.message, "step failed");
+        }
+        match (&memory.last_outcome, step.to) {
+            (Some(Outcome::Applied { commit }), StackState::Idle) if step.from == StackState::Probation => {
+                tracing::info!(machine = "stack", commit = %commit.short(), "update applied and healthy; it is the new known-good commit");
+            }
+            (Some(Outcome::RolledBack { failed, restored }), StackState::Idle) if step.from == StackState::RevertProbation => {
+                tracing::warn!(machine = "stack", failed = %failed.short(), restored = %restored.short(), "rolled back to the known-good commit");
+            }
+            _ => {}
+        }
+    }
+
+    fn publish(&self) {
+        let memory = self.machine.memory();
+        let condition = match self.machine.state() {
+            StackState::Idle | StackState::Ready => {
+                if memory.needs_attention.is_some() {
+                    Condition::NeedsAttention
+                } else if matches!(memory.last_outcome, Some(Outcome::RolledBack { .. })) {
+                    Condition::RolledBack
+                } else {
+                    Condition::Healthy
+                }
+            }
+            StackState::Fetching | StackState::Validating => Condition::Checking,
+            StackState::Pulling => Condition::Downloading,
+            StackState::Applying | StackState::Probation | StackState::Reverting | StackState::RevertProbation => Condition::Applying,
+            StackState::FactoryReset => Condition::ResetRunning,
+        };
+        self.board.set(Source::Stack, Some(condition));
+    }
+
+    async fn wait_for_poll(&mut self) {
+        let delay = match self.backoff.take() {
+            Some(delay) => delay,
+            None => jittered(self.settings.poll_interval, self.settings.poll_jitter_percent),
+        };
+        tracing::debug!(machine = "stack", delay = %humantime::format_duration(delay), "next poll");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.wake.notified() => tracing::info!(machine = "stack", "check requested"),
+        }
+    }
+
+    async fn execute(&mut self, command: StackCommand) -> Option<StackEvents> {
+        match command {
+            StackCommand::Fetch => Some(self.fetch().await),
+            StackCommand::Validate { commit } => Some(self.validate(commit).await),
+            StackCommand::Pull { commit, plan } => Some(self.pull(commit, &plan).await),
+            StackCommand::AwaitPolicy { pulled_on_boot, .. } => Some(self.await_policy(pulled_on_boot).await),
+            StackCommand::Apply { release, purpose } => Some(self.apply(&release, purpose).await),
+            StackCommand::WatchHealth { release, .. } => Some(self.watch_health(&release).await),
+            StackCommand::KeepImages { keep, .. } => {
+                self.keep_images(&keep).await;
+                None
+            }
+            StackCommand::FactoryReset { reason } => Some(self.factory_reset(&reason).await),
+            StackCommand::BackOff { failures } => {
+                let delay = backoff_delay(failures, self.settings.retry_backoff_min, self.settings.retry_backoff_max);
+                tracing::info!(machine = "stack", failures, retry_in = %humantime::format_duration(delay), "backing off");
+                self.backoff = Some(delay);
+                None
+            }
+        }
+    }
+
+    async fn fetch(&mut self) -> StackEvents {
+        match self.git.fetch().await {
+            Ok(tip) => {
+                tracing::debug!(machine = "stack", tip = %tip.short(), "fetched the device branch");
+                StackEvents::TipFetched(tip)
+            }
+            Err(error) => StackEvents::FetchFailed(Failure::transient(error.to_string())),
+        }
+    }
+
+    async fn validate(&mut self, commit: CommitId) -> StackEvents {
+        let staging_root = self.settings.state_directory.join("staging");
+        let staging = staging_root.join(commit.to_string());
+        let _ = std::fs::remove_dir_all(&staging_root);
+
+        if let Err(error) = self.git.stage(commit, &staging).await {
+            return StackEvents::Invalid(Failure::transient(format!("cannot check out commit {} for validation: {error}", commit.short())));
+        }
+        let result = self.compose.plan(&staging).await;
+        let _ = std::fs::remove_dir_all(&staging_root);
+        match result {
+            Ok(plan) => {
+                let services: Vec<&str> = plan.services.iter().map(|service| service.service.as_str()).collect();
+                tracing::info!(machine = "stack", commit = %commit.short(), services = ?services, "compose files are valid");
+                StackEvents::Valid(plan)
+            }
+            Err(error) if error.is_rejection() => StackEvents::Invalid(Failure::rejected(format!("commit {}: {error}", commit.short()))),
+            Err(error) => StackEvents::Invalid(Failure::transient(format!("cannot validate commit {}: {error}", commit.short()))),
+        }
+    }
+
+    async fn pull(&mut self, commit: CommitId, plan: &StackPlan) -> StackEvents {
+        let mut digests = BTreeMap::new();
+        for service in &plan.services {
+            if digests.contains_key(&service.image) {
+                continue;
+            }
+            tracing::info!(machine = "stack", commit = %commit.short(), image = %service.image, "pulling");
+            match self.engine.pull(&service.image, self.settings.pull_timeout).await {
+                Ok(digest) => {
+                    tracing::info!(machine = "stack", image = %service.image, %digest, "pulled");
+                    digests.insert(service.image.clone(), digest);
+                }
+                Err(error) => {
+                    let message = format!("commit {}: {error}", commit.short());
+                    let failure = match error {
+                        EngineError::ImageNotFound { .. }
+                        | EngineError::WrongPlatform { .. }
+                        | EngineError::BadReference { .. }
+                        | EngineError::NoDigest { .. } => Failure::rejected(message),
+                        EngineError::AccessDenied { .. } => Failure::local(message),
+                        _ => Failure::transient(message),
+                    };
+                    return StackEvents::PullFailed(failure);
+                }
+            }
+        }
+
+        let services = plan
+            .services
+            .iter()
+            .map(|service| ServiceImage { service: service.service.clone(), image: service.image.clone(), digest: digests[&service.image] })
+            .collect();
+        StackEvents::Pulled(Release { commit, services })
+    }
+
+    /// Waits until the apply policy lets the pulled commit in, or until the
+    /// next poll is due, whichever comes first.
+    async fn await_policy(&mut self, pulled_on_boot: Option<[u8; 16]>) -> StackEvents {
+        let poll_at = Instant::now() + jittered(self.settings.poll_interval, self.settings.poll_jitter_percent);
+        let mut reported = false;
+        loop {
+            let allowed = match self.settings.apply_policy {
+                ApplyPolicy::Immediate => true,
+                ApplyPolicy::OnBoot => pulled_on_boot.is_some_and(|pulled| pulled != self.seams.boot_id.boot_id()),
+            };
+            if allowed {
+                return StackEvents::PolicyAllows;
+            }
+            if !reported {
+                tracing::info!(machine = "stack", policy = "on-boot", "images are pulled; the update is applied after the next boot");
+                reported = true;
+            }
+
+            let now = Instant::now();
+            if now >= poll_at {
+                return StackEvents::Poll;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep((poll_at - now).min(Duration::from_secs(1))) => {}
+                _ = self.wake.notified() => return StackEvents::Poll,
+            }
+        }
+    }
+
+    async fn apply(&mut self, release: &Release, purpose: ApplyPurpose) -> StackEvents {
+        let short = release.commit.short();
+        tracing::info!(machine = "stack", commit = %short, ?purpose, "applying");
+
+        if let Err(error) = self.git.check_out(release.commit).await {
+            return StackEvents::ApplyFailed(Failure::local(format!("cannot check out commit {short}: {error}")));
+        }
+        for service in &release.services {
+            let pinned = service.pinned_reference();
+            if self.engine.has_image(&pinned).await {
+                continue;
+            }
+            tracing::warn!(machine = "stack", image = %pinned, "pinned image is missing locally, pulling it by digest");
+            if let Err(error) = self.engine.pull(&pinned, self.settings.pull_timeout).await {
+                return StackEvents::ApplyFailed(Failure::transient(format!("image {pinned} is missing and could not be pulled: {error}")));
+            }
+        }
+
+        let override_file = self.settings.state_directory.join(OVERRIDE_FILE);
+        if let Err(error) = Compose::write_override(&override_file, release) {
+            return StackEvents::ApplyFailed(Failure::local(error.to_string()));
+        }
+        match self.compose.up(&self.git.checkout, &override_file, &[]).await {
+            Ok(()) => StackEvents::Applied,
+            Err(error) => StackEvents::ApplyFailed(Failure::local(format!("docker compose up of commit {short} failed: {error}"))),
+        }
+    }
+
+    async fn watch_health(&mut self, release: &Release) -> StackEvents {
+        let settings = GateSettings {
+            project: self.compose.project.clone(),
+            probation: self.settings.probation,
+            health_grace: self.settings.health_grace,
+            excluded: BTreeSet::new(),
+        };
+        tracing::info!(machine = "stack", commit = %release.commit.short(), probation = %humantime::format_duration(settings.probation), "watching health");
+        match health::watch(&self.engine, release, &settings).await {
+            Ok(()) => StackEvents::GatePassed,
+            Err(failure) => StackEvents::GateFailed(Failure::rejected(format!("commit {}: {failure}", release.commit.short()))),
+        }
+    }
+
+    /// Tags the known-good release's images and removes the keep-tags of any
+    /// other release. Failures are logged: the release stays known-good, and
+    /// the next acceptance repeats the work.
+    async fn keep_images(&mut self, keep: &Release) {
+        if let Err(error) = self.git.mark_known_good(keep.commit).await {
+            tracing::warn!(machine = "stack", commit = %keep.commit.short(), %error, "cannot pin the known-good commit in the clone");
+        }
+
+        let project = self.compose.project.clone();
+        let mut wanted = BTreeSet::new();
+        for service in &keep.services {
+            let tag = keep_tag_name(&keep.commit, &service.service);
+            wanted.insert(format!("{}/{project}:{tag}", crate::driver::docker::KEEP_REPOSITORY));
+            if let Err(error) = self.engine.keep_tag(&service.pinned_reference(), &project, &tag).await {
+                tracing::warn!(machine = "stack", service = %service.service, %error, "cannot put a keep-tag on the image");
+            }
+        }
+
+        match self.engine.keep_tags(&project).await {
+            Ok(existing) => {
+                for tag in existing.into_iter().filter(|tag| !wanted.contains(tag)) {
+                    if let Err(error) = self.engine.remove_tag(&tag).await {
+                        tracing::warn!(machine = "stack", %tag, %error, "cannot remove an old keep-tag");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(machine = "stack", %error, "cannot list keep-tags"),
+        }
+    }
+
+    async fn factory_reset(&mut self, reason: &str) -> StackEvents {
+        tracing::error!(machine = "stack", reason, "starting the factory reset");
+        let Some((program, arguments)) = self.settings.factory_reset_command.split_first() else {
+            return StackEvents::ResetFailed(Failure::local("no factory reset command is configured (stack.factory_reset_command)"));
+        };
+        let spec = CommandSpec::new(program.clone(), self.settings.factory_reset_timeout)
+            .args(arguments.iter().cloned())
+            .env("AUTOUPDATE_RESET_REASON", reason)
+            .env("AUTOUPDATE_PROJECT", self.compose.project.clone())
+            .env("AUTOUPDATE_CHECKOUT", self.git.checkout.to_string_lossy().into_owned());
+        match process::run(&spec).await {
+            Ok(_) => {
+                tracing::warn!(machine = "stack", "factory reset finished");
+                StackEvents::ResetDone
+            }
+            Err(error) => StackEvents::ResetFailed(Failure::local(format!("factory reset command failed: {error}"))),
+        }
+    }
+}
+
+/// Returns the keep-tag for one service of a commit. Docker tags allow
+/// letters, digits, `_`, `.` and `-`, up to 128 characters.
+pub fn keep_tag_name(commit: &CommitId, service: &str) -> String {
+    let service: String = service
+        .chars()
+        .map(|character| if character.is_ascii_alphanumeric() || "_.-".contains(character) { character } else { '_' })
+        .take(100)
+        .collect();
+    format!("{}-{service}", commit.short())
+}
+
+/// Returns `interval` moved at random by up to `percent` percent either way,
+/// so a fleet of devices does not poll in step.
+pub fn jittered(interval: Duration, percent: u8) -> Duration {
+    if percent == 0 {
+        return interval;
+    }
+    let spread = f64::from(percent) / 100.0;
+    let factor = rand::rng().random_range(1.0 - spread..=1.0 + spread);
+    interval.mul_f64(factor)
+}
+
+/// Returns the delay after `failures` transient failures in a row: doubling
+/// from `minimum`, capped at `maximum`, with up to 20 % taken off at random.
+pub fn backoff_delay(failures: u32, minimum: Duration, maximum: Duration) -> Duration {
+    let exponent = failures.saturating_sub(1).min(20);
+    let base = minimum.saturating_mul(1u32 << exponent).min(maximum);
+    base.mul_f64(rand::rng().random_range(0.8..=1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_maximum() {
+        let minimum = Duration::from_secs(10);
+        let maximum = Duration::from_secs(100);
+
+        let first = backoff_delay(1, minimum, maximum);
+        let third = backoff_delay(3, minimum, maximum);
+        let tenth = backoff_delay(10, minimum, maximum);
+
+        assert!(first >= Duration::from_secs(8) && first <= minimum, "{first:?}");
+        assert!(third >= Duration::from_secs(32) && third <= Duration::from_secs(40), "{third:?}");
+        assert!(tenth >= Duration::from_secs(80) && tenth <= maximum, "{tenth:?}");
+    }
+
+    #[test]
+    fn jitter_stays_within_percent() {
+        for _ in 0..100 {
+            let delay = jittered(Duration::from_secs(100), 10);
+            assert!(delay >= Duration::from_secs(90) && delay <= Duration::from_secs(110), "{delay:?}");
+        }
+    }
+
+    #[test]
+    fn keep_tag_replaces_odd_characters() {
+        let tag = keep_tag_name(&CommitId([0xab; 20]), "web/api:1");
+        assert_eq!(tag, "abababababab-web_api_1");
+    }
+}

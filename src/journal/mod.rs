@@ -1,0 +1,513 @@
+//! The journal: one preallocated file on the reserved partition that records
+//! every transition before the command it announces runs.
+//!
+//! # File layout
+//!
+//! ```text
+//! 0      header slot A (generation even)
+//! 2048   header slot B (generation odd)
+//! 4096   region 0 ─┐ two regions of equal size; the header names the
+//! 4096+R region 1 ─┘ active one. Records are appended to it.
+//! ```
+//!
+//! The file is zero-filled when created and afterwards only overwritten in
+//! place, so writing a record never allocates a block and cannot fail with "no
+//! space left". When the active region fills up, compaction zeroes the idle
+//! region, writes a snapshot of the current state into it, syncs, and then
+//! writes a header with the next generation into the other header slot. A torn
+//! header write leaves the older slot, and so the older region, in force.
+//!
+//! # Concurrency and fencing
+//!
+//! Every append holds an exclusive `flock` on the file, re-reads the header and
+//! any records appended by another process, and then checks the fence: an
+//! agent may append only while its epoch equals the newest lease in the
+//! journal. The only other append allowed is a new lease with a higher epoch.
+//! Because every action is journaled first, an agent fenced out cannot act.
+
+pub mod frame;
+pub mod record;
+pub mod state;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub use record::{Record, RecordMeta};
+pub use state::{History, JournalState};
+
+use record::{Decoded, LeaseRecord};
+
+/// Name of the journal file inside the journal directory.
+pub const FILE_NAME: &str = "journal.bin";
+
+const HEADER_BLOCK: u64 = 4096;
+const HEADER_SLOTS: [u64; 2] = [0, 2048];
+const MAGIC: &[u8; 8] = b"EPAUJRN1";
+const FORMAT_VERSION: u32 = 1;
+const HEADER_LENGTH: usize = 8 + 4 + 8 + 1 + 3 + 8 + 4;
+
+/// Smallest region allowed: room for a snapshot and some transitions.
+pub const MIN_REGION_BYTES: u64 = 16 * 1024;
+
+/// Compaction starts once an append would fill the active region past this
+/// share, so a snapshot always fits in the idle one.
+const COMPACT_AT_PERCENT: u64 = 75;
+
+/// Errors of journal operations.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A read, write, sync or lock on the journal file failed.
+    #[error("journal {path}: {action} failed: {source}")]
+    Io { path: PathBuf, action: &'static str, source: io::Error },
+
+    /// Neither header slot holds a valid header: the file is not a journal or
+    /// both slots are damaged.
+    #[error("journal {path} has no valid header; move the file aside and the agent starts a new journal")]
+    NoValidHeader { path: PathBuf },
+
+    /// The file's size does not match the region size in its header.
+    #[error("journal {path} is {actual} bytes but its header describes {expected}; the file was cut or extended")]
+    SizeMismatch { path: PathBuf, actual: u64, expected: u64 },
+
+    /// The requested journal size leaves regions smaller than the minimum.
+    #[error("journal size of {requested} bytes is too small: use at least {minimum} bytes")]
+    TooSmall { requested: u64, minimum: u64 },
+
+    /// Another agent holds a newer lease: this one must not act.
+    #[error("fenced out: this agent holds lease epoch {ours} but the journal's newest lease is epoch {newest}")]
+    Fenced { ours: u64, newest: u64 },
+
+    /// A lease append whose epoch is not above the newest lease, or was aborted.
+    #[error("lease epoch {epoch} cannot be taken: the newest lease is epoch {newest}, or {epoch} was aborted")]
+    StaleLease { epoch: u64, newest: u64 },
+
+    /// A set of records is larger than an empty region.
+    #[error("records of {bytes} bytes do not fit in a journal region of {region} bytes even after compaction")]
+    Full { bytes: usize, region: u64 },
+
+    /// A caller's condition checked under the journal lock did not hold.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Counts of what reading the journal skipped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Bytes of damaged records between valid ones.
+    pub damaged_bytes: u64,
+    pub damaged_spans: u64,
+    /// Bytes of a torn final record, zeroed by the writer.
+    pub torn_bytes: u64,
+}
+
+impl ReadStats {
+    pub fn ignored_bytes(&self) -> u64 {
+        self.damaged_bytes + self.torn_bytes
+    }
+}
+
+/// Settings for opening a journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalOptions {
+    /// Size of the whole file when it has to be created, in bytes.
+    pub file_bytes: u64,
+    /// Sync the file after every append. Only benchmarks turn this off.
+    pub sync: bool,
+    pub history: History,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions { file_bytes: 2 * 1024 * 1024 + HEADER_BLOCK, sync: true, history: History::Recent }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    generation: u64,
+    active: u8,
+    region_bytes: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LENGTH] {
+        let mut bytes = [0u8; HEADER_LENGTH];
+        bytes[0..8].copy_from_slice(MAGIC);
+        bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes[12..20].copy_from_slice(&self.generation.to_le_bytes());
+        bytes[20] = self.active;
+        bytes[24..32].copy_from_slice(&self.region_bytes.to_le_bytes());
+        let checksum = crc32fast::hash(&bytes[..32]);
+        bytes[32..36].copy_from_slice(&checksum.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Header> {
+        if bytes.len() < HEADER_LENGTH || &bytes[0..8] != MAGIC {
+            return None;
+        }
+        let stored = u32::from_le_bytes(bytes[32..36].try_into().ok()?);
+        if stored != crc32fast::hash(&bytes[..32]) {
+            return None;
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
+        let header = Header {
+            generation: u64::from_le_bytes(bytes[12..20].try_into().ok()?),
+            active: bytes[20],
+            region_bytes: u64::from_le_bytes(bytes[24..32].try_into().ok()?),
+        };
+        let valid = version == FORMAT_VERSION && header.active <= 1 && header.region_bytes >= MIN_REGION_BYTES;
+        valid.then_some(header)
+    }
+
+    fn region_start(&self, region: u8) -> u64 {
+        HEADER_BLOCK + u64::from(region) * self.region_bytes
+    }
+
+    fn file_bytes(&self) -> u64 {
+        HEADER_BLOCK + 2 * self.region_bytes
+    }
+
+    fn slot(&self) -> u64 {
+        HEADER_SLOTS[(self.generation % 2) as usize]
+    }
+}
+
+/// An open journal file and the state its records add up to.
+#[derive(Debug)]
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    header: Header,
+    /// Offset inside the active region where the next record goes.
+    end: u64,
+    state: JournalState,
+    stats: ReadStats,
+    /// The lease epoch this handle appends under; 0 before it takes one.
+    epoch: u64,
+    options: JournalOptions,
+    writable: bool,
+}
+
+impl Journal {
+    /// Opens the journal in `directory` for appending, creating the directory
+    /// and a zero-filled file of `options.file_bytes` when missing. A torn
+    /// final record is zeroed.
+    pub fn open(directory: &Path, options: JournalOptions) -> Result<Journal, JournalError> {
+        let path = directory.join(FILE_NAME);
+        if !path.exists() {
+            create_file(directory, &path, options.file_bytes)?;
+        }
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_error(&path, "open"))?;
+        Journal::load(file, path, options, true)
+    }
+
+    /// Opens an existing journal for reading only, keeping every transition.
+    pub fn open_read_only(directory: &Path) -> Result<Journal, JournalError> {
+        let path = directory.join(FILE_NAME);
+        let file = File::open(&path).map_err(io_error(&path, "open"))?;
+        let options = JournalOptions { history: History::All, ..JournalOptions::default() };
+        Journal::load(file, path, options, false)
+    }
+
+    fn load(file: File, path: PathBuf, options: JournalOptions, writable: bool) -> Result<Journal, JournalError> {
+        let placeholder = Header { generation: 0, active: 0, region_bytes: MIN_REGION_BYTES };
+        let mut journal = Journal {
+            file,
+            path,
+            header: placeholder,
+            end: 0,
+            state: JournalState::new(options.history),
+            stats: ReadStats::default(),
+            epoch: 0,
+            options,
+            writable,
+        };
+        journal.locked(|journal| journal.reload())?;
+        Ok(journal)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn state(&self) -> &JournalState {
+        &self.state
+    }
+
+    pub fn stats(&self) -> ReadStats {
+        self.stats
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Returns the bytes used in the active region and the region size.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.end, self.header.region_bytes)
+    }
+
+    /// Reads records appended by other processes since the last read.
+    pub fn refresh(&mut self) -> Result<(), JournalError> {
+        self.locked(|journal| journal.refresh_locked())
+    }
+
+    /// Takes the lease with the next epoch for `holder`; from then on this
+    /// handle appends under that epoch.
+    pub fn take_lease(&mut self, holder: &str, meta: RecordMeta) -> Result<u64, JournalError> {
+        self.append_with(|state| {
+            let epoch = state.next_epoch();
+            let lease = Record::Lease(LeaseRecord { meta, epoch, holder: holder.to_string() });
+            Ok((vec![lease], epoch))
+        })
+    }
+
+    /// Sets the epoch this handle appends under, for an agent that finds its
+    /// own lease in the journal after a restart.
+    pub fn assume_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// Appends records as one write and syncs them, if the fence allows.
+    pub fn append(&mut self, records: Vec<Record>) -> Result<(), JournalError> {
+        self.append_with(|_| Ok((records, ())))
+    }
+
+    /// Under the journal lock and after reading what others appended, lets
+    /// `build` look at the state and return records to append. Nothing is
+    /// written when `build` fails.
+    pub fn append_with<T>(
+        &mut self,
+        build: impl FnOnce(&JournalState) -> Result<(Vec<Record>, T), JournalError>,
+    ) -> Result<T, JournalError> {
+        assert!(self.writable, "append on a journal opened with open_read_only");
+        self.locked(|journal| {
+            journal.refresh_locked()?;
+            let (records, value) = build(&journal.state)?;
+            let epoch_after = journal.check_fence(&records)?;
+            journal.write_locked(&records)?;
+            journal.epoch = epoch_after;
+            Ok(value)
+        })
+    }
+
+    /// Returns the epoch this handle holds after appending `records`, or the
+    /// fence error that forbids the append.
+    fn check_fence(&self, records: &[Record]) -> Result<u64, JournalError> {
+        let mut newest = self.state.lease_epoch();
+        let mut ours = self.epoch;
+        for record in records {
+            match record {
+                Record::Lease(lease) => {
+                    if lease.epoch <= newest || self.state.aborted_epochs.contains(&lease.epoch) {
+                        return Err(JournalError::StaleLease { epoch: lease.epoch, newest });
+                    }
+                    newest = lease.epoch;
+                    ours = lease.epoch;
+                }
+                _ if ours != newest => return Err(JournalError::Fenced { ours, newest }),
+                _ => {}
+            }
+        }
+        Ok(ours)
+    }
+
+    fn locked<T>(&mut self, work: impl FnOnce(&mut Journal) -> Result<T, JournalError>) -> Result<T, JournalError> {
+        let lock = if self.writable { self.file.lock() } else { self.file.lock_shared() };
+        lock.map_err(io_error(&self.path, "lock"))?;
+        let result = work(self);
+        // Closing the descriptor would release the lock too; an unlock error
+        // leaves nothing to repair.
+        let _ = self.file.unlock();
+        result
+    }
+
+    fn read_header(&self) -> Result<Header, JournalError> {
+        let mut block = vec![0u8; HEADER_BLOCK as usize];
+        self.file.read_exact_at(&mut block, 0).map_err(io_error(&self.path, "read header"))?;
+        let header = HEADER_SLOTS
+            .iter()
+            .filter_map(|&slot| Header::decode(&block[slot as usize..]))
+            .max_by_key(|header| header.generation)
+            .ok_or_else(|| JournalError::NoValidHeader { path: self.path.clone() })?;
+
+        let actual = self.file.metadata().map_err(io_error(&self.path, "stat"))?.len();
+        if actual != header.file_bytes() {
+            return Err(JournalError::SizeMismatch { path: self.path.clone(), actual, expected: header.file_bytes() });
+        }
+        Ok(header)
+    }
+
+    /// Reads the header and the whole active region from scratch.
+    fn reload(&mut self) -> Result<(), JournalError> {
+        self.header = self.read_header()?;
+        self.state = JournalState::new(self.options.history);
+        self.stats = ReadStats::default();
+        self.end = 0;
+        self.read_from(0)
+    }
+
+    fn refresh_locked(&mut self) -> Result<(), JournalError> {
+        let header = self.read_header()?;
+        if header != self.header {
+            return self.reload();
+        }
+
+        // Appends always start where the last valid record ends, so a zero
+        // byte there means nothing was appended since the last read.
+        let mut first = [0u8; 1];
+        if self.end < self.header.region_bytes {
+            let at = self.header.region_start(self.header.active) + self.end;
+            self.file.read_exact_at(&mut first, at).map_err(io_error(&self.path, "read"))?;
+        }
+        if first[0] == 0 {
+            return Ok(());
+        }
+        self.read_from(self.end)
+    }
+
+    /// Reads and folds the records of the active region from `start` on, and
+    /// zeroes a torn final record when this handle may write.
+    fn read_from(&mut self, start: u64) -> Result<(), JournalError> {
+        let region_start = self.header.region_start(self.header.active);
+        let mut bytes = vec![0u8; (self.header.region_bytes - start) as usize];
+        self.file.read_exact_at(&mut bytes, region_start + start).map_err(io_error(&self.path, "read"))?;
+
+        let scan = frame::scan(&bytes, 0, self.header.generation);
+        for raw in &scan.frames {
+            match Record::decode(raw.tag, raw.payload) {
+                Ok(Decoded::Known(record)) => self.state.apply(&record),
+                Ok(Decoded::UnknownTag(_)) => self.state.unknown_records += 1,
+                Err(_) => self.state.undecodable_records += 1,
+            }
+        }
+        self.stats.damaged_bytes += scan.damaged_bytes as u64;
+        self.stats.damaged_spans += scan.damaged_spans as u64;
+        self.stats.torn_bytes += scan.torn_bytes as u64;
+        self.end = start + scan.end as u64;
+
+        if scan.torn_bytes > 0 && self.writable {
+            let zeros = vec![0u8; bytes.len() - scan.end];
+            self.file.write_all_at(&zeros, region_start + self.end).map_err(io_error(&self.path, "truncate torn record"))?;
+            self.file.sync_data().map_err(io_error(&self.path, "sync"))?;
+        }
+        Ok(())
+    }
+
+    fn write_locked(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = self.encode(records, self.header.generation)?;
+
+        let limit = self.header.region_bytes * COMPACT_AT_PERCENT / 100;
+        if self.end + bytes.len() as u64 > limit {
+            self.compact_locked()?;
+            bytes = self.encode(records, self.header.generation)?;
+            if self.end + bytes.len() as u64 > self.header.region_bytes {
+                return Err(JournalError::Full { bytes: bytes.len(), region: self.header.region_bytes });
+            }
+        }
+
+        let at = self.header.region_start(self.header.active) + self.end;
+        self.file.write_all_at(&bytes, at).map_err(io_error(&self.path, "write"))?;
+        if self.options.sync {
+            self.file.sync_data().map_err(io_error(&self.path, "sync"))?;
+        }
+        self.end += bytes.len() as u64;
+        for record in records {
+            self.state.apply(record);
+        }
+        Ok(())
+    }
+
+    fn encode(&self, records: &[Record], generation: u64) -> Result<Vec<u8>, JournalError> {
+        let mut bytes = Vec::new();
+        for record in records {
+            let payload = record.encode_payload();
+            if payload.len() > frame::MAX_PAYLOAD {
+                return Err(JournalError::Full { bytes: payload.len(), region: self.header.region_bytes });
+            }
+            bytes.extend_from_slice(&frame::encode(generation, record.tag(), &payload));
+        }
+        Ok(bytes)
+    }
+
+    /// Writes a snapshot of the state into the idle region and makes it the
+    /// active one.
+    fn compact_locked(&mut self) -> Result<(), JournalError> {
+        let meta = self.state.transitions.back().map(|transition| transition.meta).unwrap_or_default();
+        let snapshot = self.state.snapshot(meta, state::KEPT_TRANSITIONS);
+        let next = Header {
+            generation: self.header.generation + 1,
+            active: 1 - self.header.active,
+            region_bytes: self.header.region_bytes,
+        };
+        let bytes = self.encode(&snapshot, next.generation)?;
+        if bytes.len() as u64 > next.region_bytes / 2 {
+            return Err(JournalError::Full { bytes: bytes.len(), region: next.region_bytes });
+        }
+
+        let region_start = next.region_start(next.active);
+        write_zeros(&self.file, &self.path, region_start, next.region_bytes)?;
+        self.file.write_all_at(&bytes, region_start).map_err(io_error(&self.path, "write snapshot"))?;
+        self.file.sync_data().map_err(io_error(&self.path, "sync snapshot"))?;
+
+        // The new header goes into the slot the current one does not use, so
+        // a torn write leaves the current header valid.
+        self.file.write_all_at(&next.encode(), next.slot()).map_err(io_error(&self.path, "write header"))?;
+        self.file.sync_data().map_err(io_error(&self.path, "sync header"))?;
+
+        self.header = next;
+        self.end = bytes.len() as u64;
+        let mut rebuilt = JournalState::new(self.options.history);
+        for record in &snapshot {
+            rebuilt.apply(record);
+        }
+        rebuilt.unknown_records = self.state.unknown_records;
+        rebuilt.undecodable_records = self.state.undecodable_records;
+        self.state = rebuilt;
+        Ok(())
+    }
+}
+
+fn io_error<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> JournalError + 'a {
+    move |source| JournalError::Io { path: path.to_path_buf(), action, source }
+}
+
+fn write_zeros(file: &File, path: &Path, start: u64, length: u64) -> Result<(), JournalError> {
+    const CHUNK: u64 = 64 * 1024;
+    let zeros = vec![0u8; CHUNK as usize];
+    let mut written = 0;
+    while written < length {
+        let count = CHUNK.min(length - written);
+        file.write_all_at(&zeros[..count as usize], start + written).map_err(io_error(path, "zero-fill"))?;
+        written += count;
+    }
+    Ok(())
+}
+
+/// Creates a zero-filled journal file under a temporary name, syncs it and
+/// renames it into place, so a power cut never leaves a half-created journal.
+fn create_file(directory: &Path, path: &Path, file_bytes: u64) -> Result<(), JournalError> {
+    let minimum = HEADER_BLOCK + 2 * MIN_REGION_BYTES;
+    if file_bytes < minimum {
+        return Err(JournalError::TooSmall { requested: file_bytes, minimum });
+    }
+    std::fs::create_dir_all(directory).map_err(io_error(directory, "create directory"))?;
+
+    let region_bytes = (file_bytes - HEADER_BLOCK) / 2 / 4096 * 4096;
+    let header = Header { generation: 1, active: 0, region_bytes };
+    let temporary = directory.join(format!("{FILE_NAME}.new"));
+    let file = File::create(&temporary).map_err(io_error(&temporary, "create"))?;
+    write_zeros(&file, &temporary, 0, header.file_bytes())?;
+    file.write_all_at(&header.encode(), header.slot()).map_err(io_error(&temporary, "write header"))?;
+    file.sync_all().map_err(io_error(&temporary, "sync"))?;
+    drop(file);
+
+    std::fs::rename(&temporary, path).map_err(io_error(path, "rename"))?;
+    File::open(directory).and_then(|directory| directory.sync_all()).map_err(io_error(directory, "sync directory"))
+}

@@ -1,0 +1,236 @@
+//! Journal record types and their tags.
+//!
+//! Tags are never reused and a record type never changes its fields: a changed
+//! record gets a new tag, and readers keep decoding the old one. A reader skips
+//! a tag it does not know, so an older agent still reads the records it does
+//! know (a lease above all) in a journal that a newer agent wrote.
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::stack::StackMemory;
+
+/// When and on which boot a record was written. Every record carries one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RecordMeta {
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`) as 16 bytes.
+    pub boot_id: [u8; 16],
+    /// Monotonic time in milliseconds since the boot.
+    pub monotonic_ms: u64,
+    /// Wall time in milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+    /// Whether the kernel reported the wall clock as synchronised.
+    pub clock_synced: bool,
+}
+
+/// One transition of one machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionRecord {
+    pub meta: RecordMeta,
+    /// A [`crate::machine::MachineKind`] code.
+    pub machine: u8,
+    pub from: u8,
+    pub event: u8,
+    pub to: u8,
+    /// The machine's attempt number at the time, 0 when none runs.
+    pub attempt: u32,
+}
+
+/// The right to act, held by the agent with the highest epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub meta: RecordMeta,
+    pub epoch: u64,
+    /// Who took the lease: a container id, or a host name outside Docker.
+    pub holder: String,
+}
+
+/// A lease epoch that was offered to a candidate and withdrawn. A lease with
+/// this epoch can no longer be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAbortRecord {
+    pub meta: RecordMeta,
+    pub epoch: u64,
+}
+
+/// The holder of `epoch` finished its probation after a handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseConfirmedRecord {
+    pub meta: RecordMeta,
+    pub epoch: u64,
+}
+
+/// The last error of a machine, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineErrorRecord {
+    pub meta: RecordMeta,
+    pub machine: u8,
+    pub message: String,
+}
+
+/// Marks the start of a compacted region; older transitions were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactedRecord {
+    pub meta: RecordMeta,
+    /// Transitions dropped by this and all earlier compactions.
+    pub dropped_transitions: u64,
+}
+
+/// The current state of a machine, written by compaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineStateRecord {
+    pub meta: RecordMeta,
+    pub machine: u8,
+    pub state: u8,
+}
+
+/// The stack machine's memory after a transition that changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackMemoryRecord {
+    pub meta: RecordMeta,
+    pub memory: StackMemory,
+}
+
+/// Every record this build reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Transition(TransitionRecord),
+    Lease(LeaseRecord),
+    LeaseAbort(LeaseAbortRecord),
+    LeaseConfirmed(LeaseConfirmedRecord),
+    MachineError(MachineErrorRecord),
+    Compacted(CompactedRecord),
+    MachineState(MachineStateRecord),
+    StackMemory(StackMemoryRecord),
+}
+
+/// Tag values. Append new ones; never reuse or renumber.
+pub mod tag {
+    pub const TRANSITION: u8 = 1;
+    pub const LEASE: u8 = 2;
+    pub const LEASE_ABORT: u8 = 3;
+    pub const LEASE_CONFIRMED: u8 = 4;
+    pub const MACHINE_ERROR: u8 = 5;
+    pub const COMPACTED: u8 = 6;
+    pub const MACHINE_STATE: u8 = 7;
+    pub const STACK_MEMORY: u8 = 16;
+}
+
+/// Error for a payload with a known tag that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("record with tag {tag} does not decode: {reason}")]
+pub struct DecodeError {
+    pub tag: u8,
+    pub reason: String,
+}
+
+/// Outcome of decoding one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    Known(Record),
+    /// A tag from a newer version; the record is skipped.
+    UnknownTag(u8),
+}
+
+impl Record {
+    pub fn tag(&self) -> u8 {
+        match self {
+            Record::Transition(_) => tag::TRANSITION,
+            Record::Lease(_) => tag::LEASE,
+            Record::LeaseAbort(_) => tag::LEASE_ABORT,
+            Record::LeaseConfirmed(_) => tag::LEASE_CONFIRMED,
+            Record::MachineError(_) => tag::MACHINE_ERROR,
+            Record::Compacted(_) => tag::COMPACTED,
+            Record::MachineState(_) => tag::MACHINE_STATE,
+            Record::StackMemory(_) => tag::STACK_MEMORY,
+        }
+    }
+
+    pub fn meta(&self) -> &RecordMeta {
+        match self {
+            Record::Transition(record) => &record.meta,
+            Record::Lease(record) => &record.meta,
+            Record::LeaseAbort(record) => &record.meta,
+            Record::LeaseConfirmed(record) => &record.meta,
+            Record::MachineError(record) => &record.meta,
+            Record::Compacted(record) => &record.meta,
+            Record::MachineState(record) => &record.meta,
+            Record::StackMemory(record) => &record.meta,
+        }
+    }
+
+    /// Encodes the payload with postcard.
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let encoded = match self {
+            Record::Transition(record) => postcard::to_stdvec(record),
+            Record::Lease(record) => postcard::to_stdvec(record),
+            Record::LeaseAbort(record) => postcard::to_stdvec(record),
+            Record::LeaseConfirmed(record) => postcard::to_stdvec(record),
+            Record::MachineError(record) => postcard::to_stdvec(record),
+            Record::Compacted(record) => postcard::to_stdvec(record),
+            Record::MachineState(record) => postcard::to_stdvec(record),
+            Record::StackMemory(record) => postcard::to_stdvec(record),
+        };
+        encoded.expect("postcard encodes these plain structs into a Vec without error")
+    }
+
+    /// Decodes a payload read under `tag`.
+    pub fn decode(tag: u8, payload: &[u8]) -> Result<Decoded, DecodeError> {
+        fn parse<T: serde::de::DeserializeOwned>(tag: u8, payload: &[u8]) -> Result<T, DecodeError> {
+            postcard::from_bytes(payload).map_err(|error| DecodeError { tag, reason: error.to_string() })
+        }
+
+        let record = match tag {
+            tag::TRANSITION => Record::Transition(parse(tag, payload)?),
+            tag::LEASE => Record::Lease(parse(tag, payload)?),
+            tag::LEASE_ABORT => Record::LeaseAbort(parse(tag, payload)?),
+            tag::LEASE_CONFIRMED => Record::LeaseConfirmed(parse(tag, payload)?),
+            tag::MACHINE_ERROR => Record::MachineError(parse(tag, payload)?),
+            tag::COMPACTED => Record::Compacted(parse(tag, payload)?),
+            tag::MACHINE_STATE => Record::MachineState(parse(tag, payload)?),
+            tag::STACK_MEMORY => Record::StackMemory(parse(tag, payload)?),
+            unknown => return Ok(Decoded::UnknownTag(unknown)),
+        };
+        Ok(Decoded::Known(record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_record_is_small() {
+        let record = Record::Transition(TransitionRecord {
+            meta: RecordMeta {
+                boot_id: [0xAB; 16],
+                monotonic_ms: 10 * 24 * 3600 * 1000,
+                wall_ms: 1_796_000_000_000,
+                clock_synced: true,
+            },
+            machine: 1,
+            from: 6,
+            event: 10,
+            to: 7,
+            attempt: 1000,
+        });
+
+        let framed = super::super::frame::OVERHEAD + record.encode_payload().len();
+
+        assert!(framed < 64, "a framed transition takes {framed} bytes");
+    }
+
+    #[test]
+    fn unknown_tag_is_reported_not_failed() {
+        assert_eq!(Record::decode(200, &[1, 2, 3]), Ok(Decoded::UnknownTag(200)));
+    }
+
+    #[test]
+    fn truncated_payload_is_decode_error() {
+        let record = Record::Lease(LeaseRecord { meta: RecordMeta::default(), epoch: 3, holder: "abc".into() });
+        let payload = record.encode_payload();
+
+        let error = Record::decode(tag::LEASE, &payload[..payload.len() - 1]).unwrap_err();
+
+        assert_eq!(error.tag, tag::LEASE);
+    }
+}

@@ -1,0 +1,176 @@
+//! The state a journal's records add up to, and the records that rebuild it
+//! after compaction.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::journal::record::{
+    CompactedRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
+    Record, RecordMeta, StackMemoryRecord, TransitionRecord,
+};
+use crate::machine::stack::StackMemory;
+
+/// Lease epochs remembered as aborted or confirmed. Older ones cannot matter:
+/// a new lease always takes an epoch above every remembered one.
+const REMEMBERED_EPOCHS: usize = 16;
+
+/// Transitions a compacted region keeps, so `replay` still shows recent history.
+pub const KEPT_TRANSITIONS: usize = 128;
+
+/// What one machine's records add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineView {
+    /// The state code after the last transition; `None` before the first.
+    pub state: Option<u8>,
+    pub attempt: u32,
+    pub last_error: Option<MachineErrorRecord>,
+    /// Metadata of the machine's last transition.
+    pub last_change: Option<RecordMeta>,
+}
+
+/// How many transitions the fold keeps in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum History {
+    /// Keep every transition read: for `replay`.
+    All,
+    /// Keep the last few: enough for a compaction snapshot.
+    Recent,
+}
+
+/// The fold of every record read so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalState {
+    pub machines: BTreeMap<u8, MachineView>,
+    pub stack_memory: Option<StackMemory>,
+    /// The lease with the highest epoch.
+    pub lease: Option<LeaseRecord>,
+    pub aborted_epochs: BTreeSet<u64>,
+    pub confirmed_epochs: BTreeSet<u64>,
+    pub transitions: VecDeque<TransitionRecord>,
+    /// Transitions no longer in `transitions`: compacted or beyond the kept
+    /// history.
+    pub dropped_transitions: u64,
+    /// Records with a tag from a newer version, skipped.
+    pub unknown_records: u64,
+    /// Records with a known tag whose payload did not decode, skipped.
+    pub undecodable_records: u64,
+    history: History,
+}
+
+impl JournalState {
+    pub fn new(history: History) -> Self {
+        JournalState {
+            machines: BTreeMap::new(),
+            stack_memory: None,
+            lease: None,
+            aborted_epochs: BTreeSet::new(),
+            confirmed_epochs: BTreeSet::new(),
+            transitions: VecDeque::new(),
+            dropped_transitions: 0,
+            unknown_records: 0,
+            undecodable_records: 0,
+            history,
+        }
+    }
+
+    /// Returns the epoch of the current lease, 0 when nobody took one.
+    pub fn lease_epoch(&self) -> u64 {
+        self.lease.as_ref().map_or(0, |lease| lease.epoch)
+    }
+
+    /// Returns the epoch the next lease must take: above every lease and
+    /// every aborted epoch.
+    pub fn next_epoch(&self) -> u64 {
+        let highest_abort = self.aborted_epochs.iter().next_back().copied().unwrap_or(0);
+        self.lease_epoch().max(highest_abort) + 1
+    }
+
+    pub fn machine(&self, machine: u8) -> Option<&MachineView> {
+        self.machines.get(&machine)
+    }
+
+    /// Counts every transition ever appended, including compacted ones.
+    pub fn total_transitions(&self) -> u64 {
+        self.dropped_transitions + self.transitions.len() as u64
+    }
+
+    /// Adds one record to the fold.
+    pub fn apply(&mut self, record: &Record) {
+        match record {
+            Record::Transition(transition) => {
+                let view = self.machines.entry(transition.machine).or_default();
+                view.state = Some(transition.to);
+                view.attempt = transition.attempt;
+                view.last_change = Some(transition.meta);
+                self.transitions.push_back(*transition);
+                if self.history == History::Recent && self.transitions.len() > KEPT_TRANSITIONS {
+                    self.transitions.pop_front();
+                    self.dropped_transitions += 1;
+                }
+            }
+            Record::Lease(lease) => {
+                let newer = lease.epoch > self.lease_epoch() && !self.aborted_epochs.contains(&lease.epoch);
+                if newer {
+                    self.lease = Some(lease.clone());
+                }
+            }
+            Record::LeaseAbort(abort) => remember(&mut self.aborted_epochs, abort.epoch),
+            Record::LeaseConfirmed(confirmed) => remember(&mut self.confirmed_epochs, confirmed.epoch),
+            Record::MachineError(error) => {
+                self.machines.entry(error.machine).or_default().last_error = Some(error.clone());
+            }
+            Record::Compacted(compacted) => {
+                self.dropped_transitions = self.dropped_transitions.max(compacted.dropped_transitions);
+            }
+            Record::MachineState(state) => {
+                let view = self.machines.entry(state.machine).or_default();
+                view.state = Some(state.state);
+                view.last_change.get_or_insert(state.meta);
+            }
+            Record::StackMemory(memory) => self.stack_memory = Some(memory.memory.clone()),
+        }
+    }
+
+    /// Returns the records that rebuild this state in an empty region, keeping
+    /// the last `kept` transitions.
+    pub fn snapshot(&self, meta: RecordMeta, kept: usize) -> Vec<Record> {
+        let kept = kept.min(self.transitions.len());
+        let dropped = self.dropped_transitions + (self.transitions.len() - kept) as u64;
+        let mut records = vec![Record::Compacted(CompactedRecord { meta, dropped_transitions: dropped })];
+
+        if let Some(lease) = &self.lease {
+            records.push(Record::Lease(lease.clone()));
+        }
+        for &epoch in &self.aborted_epochs {
+            records.push(Record::LeaseAbort(LeaseAbortRecord { meta, epoch }));
+        }
+        for &epoch in &self.confirmed_epochs {
+            records.push(Record::LeaseConfirmed(LeaseConfirmedRecord { meta, epoch }));
+        }
+        if let Some(memory) = &self.stack_memory {
+            records.push(Record::StackMemory(StackMemoryRecord { meta, memory: memory.clone() }));
+        }
+
+        let first_kept = self.transitions.len() - kept;
+        records.extend(self.transitions.iter().skip(first_kept).map(|transition| Record::Transition(*transition)));
+
+        // States and errors come after the transitions, so a machine whose last
+        // transition was dropped still ends in its current state.
+        for (&machine, view) in &self.machines {
+            if let Some(state) = view.state {
+                let state_meta = view.last_change.unwrap_or(meta);
+                records.push(Record::MachineState(MachineStateRecord { meta: state_meta, machine, state }));
+            }
+            if let Some(error) = &view.last_error {
+                records.push(Record::MachineError(error.clone()));
+            }
+        }
+        records
+    }
+}
+
+fn remember(epochs: &mut BTreeSet<u64>, epoch: u64) {
+    epochs.insert(epoch);
+    while epochs.len() > REMEMBERED_EPOCHS {
+        epochs.pop_first();
+    }
+}

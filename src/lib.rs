@@ -1,0 +1,25 @@
+//! eventpi-autoupdate keeps a headless Raspberry Pi up to date with nobody on
+//! site.
+//!
+//! # Layout
+//!
+//! - [`machine`]: the pure state machines, one per update process, each
+//!   written once as a transition list that also yields a constant table.
+//! - [`journal`]: the append-only, fenced journal on the reserved partition
+//!   that persists every transition before its command runs.
+//! - [`model`]: values shared by machines, journal and drivers (commit ids,
+//!   digests, releases, failures).
+
+pub mod machine;
+pub mod model;
+pub mod config;
+pub mod failpoint;
+pub mod journal;
+pub mod platform;
+pub mod seams;
+pub mod driver;
+pub mod agent;
+pub mod diagram;
+pub mod identity;
+pub mod panel;
+pub mod report;
