@@ -4,8 +4,8 @@
 //! # File layout
 //!
 //! ```text
-//! 0      header slot A (generation even)
-//! 2048   header slot B (generation odd)
+//! 0      header slot A ┐ both hold the current header; they differ only
+//! 2048   header slot B ┘ while a new one is being written
 //! 4096   region 0 ─┐ two regions of equal size; the header names the
 //! 4096+R region 1 ─┘ active one. Records are appended to it.
 //! ```
@@ -14,8 +14,10 @@
 //! place, so writing a record never allocates a block and cannot fail with "no
 //! space left". When the active region fills up, compaction zeroes the idle
 //! region, writes a snapshot of the current state into it, syncs, and then
-//! writes a header with the next generation into the other header slot. A torn
-//! header write leaves the older slot, and so the older region, in force.
+//! writes the header with the next generation into both slots, one after the
+//! other with a sync between. Readers take the valid slot with the highest
+//! generation, so a torn header write leaves either the old header or the new
+//! one in force, and a damaged slot is covered by the other one.
 //!
 //! # Concurrency and fencing
 //!
@@ -169,10 +171,17 @@ impl Header {
     fn file_bytes(&self) -> u64 {
         HEADER_BLOCK + 2 * self.region_bytes
     }
+}
 
-    fn slot(&self) -> u64 {
-        HEADER_SLOTS[(self.generation % 2) as usize]
+/// Writes `header` into both slots with a sync after each, starting with the
+/// slot that generation parity picks, so the two writes alternate in order.
+fn write_header(file: &File, path: &Path, header: &Header) -> Result<(), JournalError> {
+    let first = (header.generation % 2) as usize;
+    for slot in [HEADER_SLOTS[first], HEADER_SLOTS[1 - first]] {
+        file.write_all_at(&header.encode(), slot).map_err(io_error(path, "write header"))?;
+        file.sync_data().map_err(io_error(path, "sync header"))?;
     }
+    Ok(())
 }
 
 /// An open journal file and the state its records add up to.
@@ -456,10 +465,7 @@ impl Journal {
         self.file.write_all_at(&bytes, region_start).map_err(io_error(&self.path, "write snapshot"))?;
         self.file.sync_data().map_err(io_error(&self.path, "sync snapshot"))?;
 
-        // The new header goes into the slot the current one does not use, so
-        // a torn write leaves the current header valid.
-        self.file.write_all_at(&next.encode(), next.slot()).map_err(io_error(&self.path, "write header"))?;
-        self.file.sync_data().map_err(io_error(&self.path, "sync header"))?;
+        write_header(&self.file, &self.path, &next)?;
 
         self.header = next;
         self.end = bytes.len() as u64;
@@ -504,7 +510,7 @@ fn create_file(directory: &Path, path: &Path, file_bytes: u64) -> Result<(), Jou
     let temporary = directory.join(format!("{FILE_NAME}.new"));
     let file = File::create(&temporary).map_err(io_error(&temporary, "create"))?;
     write_zeros(&file, &temporary, 0, header.file_bytes())?;
-    file.write_all_at(&header.encode(), header.slot()).map_err(io_error(&temporary, "write header"))?;
+    write_header(&file, &temporary, &header)?;
     file.sync_all().map_err(io_error(&temporary, "sync"))?;
     drop(file);
 
