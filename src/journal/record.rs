@@ -104,6 +104,11 @@ pub enum Record {
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
+///
+/// Each area of the agent adds its records inside its own range:
+/// 1-15 journal and lease, 16-31 stack update, 32-47 self-update, 48-63 host
+/// patch, 64-79 space guard, 80-95 factory reset and panel, 96-111
+/// notifications, 112-127 apply policies.
 pub mod tag {
     pub const TRANSITION: u8 = 1;
     pub const LEASE: u8 = 2;
