@@ -32,7 +32,7 @@ install_debian_packages() {
 # libc6 >= 2.34 alone, so its binary runs here as a docker CLI plugin.
 install_compose_v2() {
   local plugin_dir=/usr/local/lib/docker/cli-plugins
-  if docker compose version 2>/dev/null | grep -q 'v2\.'; then
+  if docker compose version --short 2>/dev/null | grep -Eq '^v?2\.'; then
     return
   fi
   local work

@@ -1,5 +1,5 @@
 //! The agent process: opens the journal, takes the lease, waits for the
-//! Docker engine, and runs the machines until it is told to stop.
+//! Docker engine, and runs the machines until a stop signal arrives.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -68,12 +68,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 async fn run_machines(config: &Config, journal: SharedJournal, seams: Seams, board: Board) -> Result<(), AgentError> {
     let platform = config.docker.platform.as_deref().and_then(Platform::parse);
     let engine = wait_for_engine(config.docker.host.as_deref(), platform, &board).await;
-    check_compose(config).await;
+    let compose_command = find_compose(config).await;
     board.set(Source::Agent, None);
 
     let stack = &config.stack;
     let git = GitMirror { url: stack.repository.clone(), branch: stack.branch.clone(), checkout: stack.checkout.clone(), timeout: stack.git_timeout };
     let compose = Compose {
+        command: compose_command,
         project: stack.project.clone(),
         files: stack.compose_files.clone(),
         timeout: stack.compose_timeout,
@@ -126,7 +127,7 @@ fn open_journal(config: &Config) -> Result<SharedJournal, JournalError> {
     }
     let state = journal.state();
     if state.unknown_records > 0 {
-        tracing::warn!(records = state.unknown_records, "journal holds records from a newer agent version; they were skipped");
+        tracing::warn!(records = state.unknown_records, "journal contains records from a newer agent version; they were skipped");
     }
     Ok(Arc::new(Mutex::new(journal)))
 }
@@ -151,13 +152,28 @@ async fn wait_for_engine(host: Option<&str>, platform: Option<Platform>, board: 
     }
 }
 
-async fn check_compose(config: &Config) {
-    let mut version = CommandSpec::new("docker", Duration::from_secs(30)).args(["compose", "version", "--short"]);
-    if let Some(host) = &config.docker.host {
-        version = version.env("DOCKER_HOST", host.clone());
+/// Returns the command that runs Compose v2: the configured one, or the
+/// first of `docker compose` and `docker-compose` that reports version 2.
+async fn find_compose(config: &Config) -> Vec<String> {
+    let candidates: Vec<Vec<String>> = match &config.docker.compose_command {
+        Some(command) => vec![command.clone()],
+        None => vec![vec!["docker".into(), "compose".into()], vec!["docker-compose".into()]],
+    };
+    for candidate in &candidates {
+        let (program, leading) = candidate.split_first().expect("candidates and validated commands are never empty");
+        let mut version = CommandSpec::new(program.clone(), Duration::from_secs(30)).args(leading.iter().map(String::as_str)).args(["version", "--short"]);
+        if let Some(host) = &config.docker.host {
+            version = version.env("DOCKER_HOST", host.clone());
+        }
+        match process::run(&version).await {
+            Ok(output) if output.stdout.trim().trim_start_matches('v').starts_with('2') => {
+                tracing::info!(command = ?candidate, version = output.stdout.trim(), "found Compose v2");
+                return candidate.clone();
+            }
+            Ok(output) => tracing::warn!(command = ?candidate, version = output.stdout.trim(), "not Compose v2; skipped"),
+            Err(error) => tracing::debug!(command = ?candidate, %error, "Compose command not usable"),
+        }
     }
-    match process::run(&version).await {
-        Ok(output) => tracing::info!(version = output.stdout.trim(), "found docker compose"),
-        Err(error) => tracing::error!(%error, "docker compose v2 is not available; updates will fail until it is installed"),
-    }
+    tracing::error!(tried = ?candidates, "Compose v2 is not available; updates will fail until it is installed or docker.compose_command names it");
+    candidates[0].clone()
 }

@@ -78,6 +78,10 @@ pub struct DockerConfig {
     /// Platform every image must be built for, as `os/arch[/variant]`.
     /// Default: the engine's own platform.
     pub platform: Option<String>,
+    /// Command that runs Compose v2, with its leading arguments, for example
+    /// `["docker", "compose"]`. Default: `docker compose` when the docker CLI
+    /// has the plugin, otherwise a standalone `docker-compose` of version 2.
+    pub compose_command: Option<Vec<String>>,
 }
 
 /// When a pulled commit may be applied.
@@ -93,7 +97,7 @@ pub enum ApplyPolicy {
 /// `[stack]`: the device branch and how to run it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct StackConfig {
-    /// URL of the git repository that holds the compose files.
+    /// URL of the git repository with the compose files.
     pub repository: String,
     /// The branch this device follows.
     pub branch: String,
@@ -392,6 +396,10 @@ impl Config {
             if !host.starts_with("unix://") {
                 report("docker.host", format!("{host:?} is not supported: use a unix:// socket path"));
             }
+        }
+        let empty_command = self.docker.compose_command.as_ref().is_some_and(|command| command.first().is_none_or(|program| program.trim().is_empty()));
+        if empty_command {
+            report("docker.compose_command", "must name a program, for example [\"docker\", \"compose\"]".into());
         }
         if let Some(platform) = &self.docker.platform {
             if crate::platform::Platform::parse(platform).is_none() {

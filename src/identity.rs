@@ -1,10 +1,10 @@
-//! Who this agent is: its own container id when it runs in Docker, otherwise
-//! the host name.
+//! Identity of this agent: its own container id when it runs in Docker,
+//! otherwise the host name.
 
 /// Finds this process's container id in `/proc/self/mountinfo`. Docker bind
 /// mounts the container's `hostname`, `hosts` and `resolv.conf` from
-/// `.../containers/<id>/`, and this holds with a private cgroup namespace too,
-/// where `/proc/self/cgroup` shows only `/`.
+/// `.../containers/<id>/`, and this is true with a private cgroup namespace
+/// too, where `/proc/self/cgroup` shows only `/`.
 pub fn own_container_id() -> Option<String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     container_id_from_mountinfo(&mountinfo)

@@ -1,5 +1,5 @@
-//! eventpi-autoupdate keeps a headless Raspberry Pi up to date with nobody on
-//! site.
+//! eventpi-autoupdate keeps a headless Raspberry Pi up to date without a
+//! technician on site.
 //!
 //! # Layout
 //!

@@ -39,8 +39,8 @@ enum Command {
     /// The agent polls the device branch every stack.poll_interval (default
     /// 60s, jittered by stack.poll_jitter_percent, default 10 %), applies new
     /// commits, and keeps the device on its last known-good commit. On SIGTERM
-    /// or SIGINT it stops the command in progress and exits; the journal is
-    /// synced after every record, and the interrupted step is repeated at the
+    /// or SIGINT it stops the command in progress and exits. The journal is
+    /// synced after every record, so the interrupted step runs again at the
     /// next start.
     Run {
         /// Configuration file (TOML).

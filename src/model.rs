@@ -178,7 +178,7 @@ pub struct Release {
     pub services: Vec<ServiceImage>,
 }
 
-/// How a failed step should be treated.
+/// Kind of a failed step, which decides how it is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailureKind {
     /// The commit itself is at fault (invalid file, missing image, wrong

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-/// What the LED can show, from the highest priority to the lowest. When
-/// several conditions hold, the LED shows the first in this order.
+/// Agent condition shown on the LED, from the highest priority to the
+/// lowest. When several conditions apply, the LED shows the first in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Condition {
@@ -102,8 +102,14 @@ pub async fn run_simulated(mut shown: watch::Receiver<Condition>) {
     while shown.changed().await.is_ok() {
         let next = *shown.borrow_and_update();
         if next != current {
+            // Every poll shows "checking" for a moment; those blinks go to debug.
+            let routine = matches!((current, next), (Condition::Healthy, Condition::Checking) | (Condition::Checking, Condition::Healthy));
             current = next;
-            tracing::info!(led = current.name(), "LED");
+            if routine {
+                tracing::debug!(led = current.name(), "LED");
+            } else {
+                tracing::info!(led = current.name(), "LED");
+            }
         }
     }
 }

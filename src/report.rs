@@ -56,11 +56,8 @@ pub fn replay_text(state: &JournalState) -> String {
     }
     for entry in replay_entries(state) {
         let clock = if entry.clock_synced { "" } else { " (clock not synchronised)" };
-        let _ = writeln!(
-            text,
-            "{}  {:<12} {} --{}--> {}  attempt {}{clock}",
-            entry.time, entry.machine, entry.from, entry.event, entry.to, entry.attempt
-        );
+        let attempt = if entry.attempt > 0 { format!("  attempt {}", entry.attempt) } else { String::new() };
+        let _ = writeln!(text, "{}  {:<12} {} --{}--> {}{attempt}{clock}", entry.time, entry.machine, entry.from, entry.event, entry.to);
     }
     if state.transitions.is_empty() {
         text.push_str("no transitions recorded\n");

@@ -12,7 +12,7 @@ pub trait Clock: Send + Sync {
     fn wall_ms(&self) -> u64;
     /// Milliseconds since boot, including time suspended (`CLOCK_BOOTTIME`).
     fn monotonic_ms(&self) -> u64;
-    /// Whether the kernel reports the wall clock as synchronised.
+    /// Returns whether the kernel reports the wall clock as synchronised.
     fn clock_synced(&self) -> bool;
 }
 
@@ -38,14 +38,14 @@ impl Clock for SystemClock {
     }
 
     fn clock_synced(&self) -> bool {
-        // SAFETY: a zeroed timex with modes 0 asks adjtimex to read only.
+        // SAFETY: with a zeroed timex (modes 0), adjtimex only reads the clock state.
         let mut timex: libc::timex = unsafe { std::mem::zeroed() };
         let state = unsafe { libc::adjtimex(&mut timex) };
         state >= 0 && state != libc::TIME_ERROR && timex.status & libc::STA_UNSYNC == 0
     }
 }
 
-/// Where the boot id comes from.
+/// Source of the boot id.
 pub trait BootIdSource: Send + Sync {
     /// Returns the current boot id, or all zeros when it cannot be read.
     fn boot_id(&self) -> [u8; 16];

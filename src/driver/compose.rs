@@ -57,6 +57,9 @@ impl ComposeError {
 /// The Compose project the agent manages.
 #[derive(Debug, Clone)]
 pub struct Compose {
+    /// Program and leading arguments that run Compose v2, such as
+    /// `["docker", "compose"]`.
+    pub command: Vec<String>,
     pub project: String,
     /// Compose files relative to the project directory.
     pub files: Vec<String>,
@@ -68,8 +71,10 @@ pub struct Compose {
 
 impl Compose {
     fn command(&self, project_directory: &Path, overrides: &[&Path]) -> CommandSpec {
-        let mut spec = CommandSpec::new("docker", self.timeout)
-            .args(["compose", "--ansi", "never", "--progress", "plain", "--project-name", &self.project])
+        let (program, leading) = self.command.split_first().expect("configuration validation rejects an empty compose_command");
+        let mut spec = CommandSpec::new(program.clone(), self.timeout)
+            .args(leading.iter().map(String::as_str))
+            .args(["--ansi", "never", "--progress", "plain", "--project-name", &self.project])
             .arg("--project-directory")
             .arg(project_directory.as_os_str())
             .current_dir(project_directory);
@@ -218,7 +223,7 @@ mod tests {
     async fn invalid_yaml_names_file_and_line() {
         let directory = tempfile::tempdir().unwrap();
         std::fs::write(directory.path().join("compose.yaml"), "services:\n  web:\n    image: busybox\n   command: [x\n").unwrap();
-        let compose = Compose { project: "unit".into(), files: vec!["compose.yaml".into()], timeout: Duration::from_secs(30), docker_host: None };
+        let compose = Compose { command: vec!["docker".into(), "compose".into()], project: "unit".into(), files: vec!["compose.yaml".into()], timeout: Duration::from_secs(30), docker_host: None };
 
         let error = compose.plan(directory.path()).await.unwrap_err();
 

@@ -64,7 +64,7 @@ pub enum EngineError {
     Api { call: &'static str, source: bollard::errors::Error },
 }
 
-/// What a health gate needs to know about one container.
+/// State of one container, as the health gate reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerStatus {
     pub id: String,

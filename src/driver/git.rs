@@ -3,8 +3,8 @@
 //! The clone is a mirror: `fetch` with a forced refspec, then check out the
 //! remote tip on the local branch with a hard reset. Nothing is ever merged,
 //! so a force-pushed branch is followed, not stuck. The working tree changes
-//! only when a release is applied; a new commit is validated in a separate
-//! staging directory so the running stack's files stay as they are.
+//! only when a release is applied. A new commit is validated in a separate
+//! staging directory, so the running stack's files stay as they are.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,7 +19,7 @@ pub const KNOWN_GOOD_REF: &str = "refs/autoupdate/known-good";
 /// Errors of git operations.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
-    /// The git server could not be reached or stopped answering.
+    /// The git server could not be reached or stopped responding.
     #[error("git server {url} is unreachable: {detail}")]
     Unreachable { url: String, detail: String },
 

@@ -27,7 +27,7 @@ pub struct GateSettings {
     pub excluded: BTreeSet<String>,
 }
 
-/// Why a gate failed, in words an operator can act on.
+/// Reason a gate failed, in words an operator can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct GateFailure(pub String);
@@ -36,7 +36,7 @@ pub struct GateFailure(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {
     Good,
-    /// Still waiting for a healthcheck; the text says which service.
+    /// Still waiting for the healthcheck of the named service.
     Starting(String),
     Bad(String),
 }

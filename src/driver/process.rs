@@ -108,7 +108,7 @@ impl fmt::Debug for CommandSpec {
     }
 }
 
-/// What a finished command printed.
+/// Output of a finished command.
 #[derive(Debug, Clone)]
 pub struct Output {
     pub stdout: String,

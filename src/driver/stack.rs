@@ -34,7 +34,7 @@ pub type SharedJournal = Arc<Mutex<Journal>>;
 /// Name of the override file, inside the state directory.
 const OVERRIDE_FILE: &str = "pinned.override.json";
 
-/// What the stack driver reads from the configuration.
+/// Stack driver settings, read from the configuration.
 #[derive(Debug, Clone)]
 pub struct DriverSettings {
     pub poll_interval: Duration,
@@ -95,7 +95,7 @@ impl StackDriver {
             let code = view.and_then(|view| view.state);
             let state = code.and_then(StackState::from_code).unwrap_or_else(|| {
                 if let Some(code) = code {
-                    tracing::warn!(machine = "stack", code, "the journal holds a state this version does not know; starting from Idle");
+                    tracing::warn!(machine = "stack", code, "the journal contains a state this version does not know; starting from Idle");
                 }
                 StackState::Idle
             });
@@ -123,9 +123,8 @@ impl StackDriver {
     }
 
     /// Runs the machine until the journal fails. The caller stops it by
-    /// dropping the future; a command in progress is then cancelled and
-    /// repeated after the restart, because the step that started it is
-    /// already persisted.
+    /// dropping the future. A command in progress is then cancelled, and it
+    /// runs again after the restart because its step is already persisted.
     pub async fn run(mut self) -> Result<(), DriverError> {
         self.publish();
         if self.machine.state() != StackState::Idle {
@@ -531,16 +530,20 @@ mod tests {
         let third = backoff_delay(3, minimum, maximum);
         let tenth = backoff_delay(10, minimum, maximum);
 
-        assert!(first >= Duration::from_secs(8) && first <= minimum, "{first:?}");
-        assert!(third >= Duration::from_secs(32) && third <= Duration::from_secs(40), "{third:?}");
-        assert!(tenth >= Duration::from_secs(80) && tenth <= maximum, "{tenth:?}");
+        assert!(first >= Duration::from_secs(8), "{first:?}");
+        assert!(first <= minimum, "{first:?}");
+        assert!(third >= Duration::from_secs(32), "{third:?}");
+        assert!(third <= Duration::from_secs(40), "{third:?}");
+        assert!(tenth >= Duration::from_secs(80), "{tenth:?}");
+        assert!(tenth <= maximum, "{tenth:?}");
     }
 
     #[test]
     fn jitter_stays_within_percent() {
         for _ in 0..100 {
             let delay = jittered(Duration::from_secs(100), 10);
-            assert!(delay >= Duration::from_secs(90) && delay <= Duration::from_secs(110), "{delay:?}");
+            assert!(delay >= Duration::from_secs(90), "{delay:?}");
+            assert!(delay <= Duration::from_secs(110), "{delay:?}");
         }
     }
 

@@ -64,8 +64,8 @@ pub enum JournalError {
     #[error("journal {path}: {action} failed: {source}")]
     Io { path: PathBuf, action: &'static str, source: io::Error },
 
-    /// Neither header slot holds a valid header: the file is not a journal or
-    /// both slots are damaged.
+    /// Neither header slot contains a valid header: the file is not a journal
+    /// or both slots are damaged.
     #[error("journal {path} has no valid header; move the file aside and the agent starts a new journal")]
     NoValidHeader { path: PathBuf },
 
@@ -303,7 +303,7 @@ impl Journal {
         })
     }
 
-    /// Returns the epoch this handle holds after appending `records`, or the
+    /// Returns the epoch of this handle after appending `records`, or the
     /// fence error that forbids the append.
     fn check_fence(&self, records: &[Record]) -> Result<u64, JournalError> {
         let mut newest = self.state.lease_epoch();

@@ -40,7 +40,7 @@ pub struct TransitionRecord {
 pub struct LeaseRecord {
     pub meta: RecordMeta,
     pub epoch: u64,
-    /// Who took the lease: a container id, or a host name outside Docker.
+    /// Agent that took the lease: a container id, or a host name outside Docker.
     pub holder: String,
 }
 

@@ -16,7 +16,7 @@ const REMEMBERED_EPOCHS: usize = 16;
 /// Transitions a compacted region keeps, so `replay` still shows recent history.
 pub const KEPT_TRANSITIONS: usize = 128;
 
-/// What one machine's records add up to.
+/// Fold of one machine's records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MachineView {
     /// The state code after the last transition; `None` before the first.
@@ -72,7 +72,7 @@ impl JournalState {
         }
     }
 
-    /// Returns the epoch of the current lease, 0 when nobody took one.
+    /// Returns the epoch of the current lease, 0 when no lease was taken.
     pub fn lease_epoch(&self) -> u64 {
         self.lease.as_ref().map_or(0, |lease| lease.epoch)
     }

@@ -139,7 +139,7 @@ pub struct Rejection {
     pub reason: String,
 }
 
-/// How the last attempt ended.
+/// Result of the last attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Applied { commit: CommitId },
@@ -149,7 +149,7 @@ pub enum Outcome {
     GaveUp { reason: String },
 }
 
-/// What the stack machine keeps between transitions; persisted in the journal.
+/// Stack machine memory kept between transitions and persisted in the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct StackMemory {
     /// The release that Compose last brought up, possibly still on probation.
@@ -169,11 +169,11 @@ pub struct StackMemory {
     pub needs_attention: Option<String>,
     pub last_outcome: Option<Outcome>,
     pub factory_resets: u32,
-    /// Why the factory reset in progress was started.
+    /// Reason for the factory reset in progress.
     pub factory_reset_reason: Option<String>,
 }
 
-/// Why the driver is asked to bring a release up.
+/// Reason the driver brings a release up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplyPurpose {
     Update,

@@ -1,0 +1,43 @@
+# Entry points for people and CI. `make example` and `make test` are the two
+# commands the README gives.
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: setup build example example-clean test diagrams lint clean-test-resources
+
+# Installs Compose v2, the registry, sshd, graphviz, busybox-static and the
+# cross linkers (Debian 12). Safe to run again.
+setup:
+	$(SUDO) scripts/setup-host.sh
+
+build:
+	$(CARGO) build
+
+# Sets up the bundled example and runs the agent against it.
+example: setup
+	example/run.sh
+
+example-clean:
+	example/run.sh --clean
+
+# Runs every test against the real Docker engine, registry and git server.
+# Failpoints are compiled in so the power-cut tests can stop the agent at a
+# given state.
+test: setup
+	scripts/clean-test-resources.sh
+	$(CARGO) nextest run --features failpoints --profile ci
+	scripts/clean-test-resources.sh
+
+# Regenerates the DOT diagrams from the transition lists and renders them.
+diagrams:
+	UPDATE_DIAGRAMS=1 $(CARGO) test --test diagrams
+	for dot in state-diagrams/*.dot; do dot -Tsvg "$$dot" -o "$${dot%.dot}.svg"; done
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --features failpoints -- -D warnings
+
+# Removes the containers, networks, volumes and images that tests label.
+clean-test-resources:
+	scripts/clean-test-resources.sh
