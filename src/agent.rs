@@ -72,7 +72,13 @@ async fn run_machines(config: &Config, journal: SharedJournal, seams: Seams, boa
     board.set(Source::Agent, None);
 
     let stack = &config.stack;
-    let git = GitMirror { url: stack.repository.clone(), branch: stack.branch.clone(), checkout: stack.checkout.clone(), timeout: stack.git_timeout };
+    let git = GitMirror {
+        url: stack.repository.clone(),
+        branch: stack.branch.clone(),
+        checkout: stack.checkout.clone(),
+        timeout: stack.git_timeout,
+        known_good_bundle: config.state_directory().join("known-good.bundle"),
+    };
     let compose = Compose {
         command: compose_command,
         project: stack.project.clone(),

@@ -58,6 +58,10 @@ pub struct GitMirror {
     pub branch: String,
     pub checkout: PathBuf,
     pub timeout: Duration,
+    /// Bundle holding the known-good commit outside the clone, so that a
+    /// clone made again after damage still has it, even when a force-push
+    /// removed it from the server.
+    pub known_good_bundle: PathBuf,
 }
 
 impl GitMirror {
@@ -90,13 +94,59 @@ impl GitMirror {
             Ok(tip) => Ok(tip),
             Err(error) if error.is_transient() => Err(error),
             Err(error) => {
-                if self.is_usable().await {
-                    return Err(error);
-                }
-                tracing::warn!(checkout = %self.checkout.display(), %error, "clone is damaged, cloning it again");
-                self.clone_fresh().await?;
+                self.repair(&error).await?;
                 self.fetch_once().await
             }
+        }
+    }
+
+    /// Clones the branch again beside a clone that failed with `error`, and
+    /// brings the known-good commit back from its bundle. The old clone stays
+    /// in place until the new one is complete.
+    async fn repair(&self, error: &GitError) -> Result<(), GitError> {
+        tracing::warn!(checkout = %self.checkout.display(), %error, "git failed in the clone; cloning it again");
+        self.clone_fresh().await?;
+        self.restore_known_good().await;
+        Ok(())
+    }
+
+    /// Runs a local operation on the clone; when it fails for a reason other
+    /// than the server, repairs the clone and runs it once more.
+    async fn with_repair<T, F, Fut>(&self, operation: F) -> Result<T, GitError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, GitError>>,
+    {
+        if !self.is_usable().await {
+            let damaged = GitError::Damaged { checkout: self.checkout.clone(), detail: "git cannot read HEAD or the index".into() };
+            self.repair(&damaged).await?;
+        }
+        match operation().await {
+            Ok(value) => Ok(value),
+            Err(error) if error.is_transient() => Err(error),
+            Err(error) => {
+                self.repair(&error).await?;
+                if let Err(fetch_error) = self.fetch_once().await {
+                    tracing::warn!(%fetch_error, "fetch after the repair failed; the known-good bundle may still have the commit");
+                }
+                operation().await
+            }
+        }
+    }
+
+    /// Fetches the known-good commit from its bundle into the clone, when the
+    /// bundle exists. Failures are logged: the bundle is a second line of
+    /// defence after the server.
+    async fn restore_known_good(&self) {
+        if !self.known_good_bundle.is_file() {
+            return;
+        }
+        let bundle = self.known_good_bundle.to_string_lossy().into_owned();
+        let refspec = format!("{KNOWN_GOOD_REF}:{KNOWN_GOOD_REF}");
+        let spec = self.git(&self.checkout).args(["fetch", "--quiet", "--no-tags", &bundle, &refspec]);
+        match process::run(&spec).await {
+            Ok(_) => tracing::info!(bundle, "restored the known-good commit from its bundle"),
+            Err(error) => tracing::warn!(bundle, %error, "cannot restore the known-good commit from its bundle"),
         }
     }
 
@@ -199,6 +249,10 @@ impl GitMirror {
     /// Writes the files of `commit` into `directory`, emptied first, without
     /// touching the checkout's working tree or index.
     pub async fn stage(&self, commit: CommitId, directory: &Path) -> Result<(), GitError> {
+        self.with_repair(|| self.stage_once(commit, directory)).await
+    }
+
+    async fn stage_once(&self, commit: CommitId, directory: &Path) -> Result<(), GitError> {
         self.ensure_commit(commit).await?;
         remove_path(directory)?;
         std::fs::create_dir_all(directory).map_err(|source| GitError::Io { action: "create", path: directory.to_path_buf(), source })?;
@@ -221,6 +275,10 @@ impl GitMirror {
     /// Puts the working tree and the local branch at `commit`, discarding any
     /// local change and any merge or rebase in progress.
     pub async fn check_out(&self, commit: CommitId) -> Result<(), GitError> {
+        self.with_repair(|| self.check_out_once(commit)).await
+    }
+
+    async fn check_out_once(&self, commit: CommitId) -> Result<(), GitError> {
         self.ensure_commit(commit).await?;
         remove_stale_locks(&self.checkout.join(".git"));
         let commit_text = commit.to_string();
@@ -234,15 +292,32 @@ impl GitMirror {
         Ok(())
     }
 
-    /// Points [`KNOWN_GOOD_REF`] at `commit`.
+    /// Points [`KNOWN_GOOD_REF`] at `commit` and writes it into the
+    /// known-good bundle, replacing the old bundle only once the new one is
+    /// complete.
     pub async fn mark_known_good(&self, commit: CommitId) -> Result<(), GitError> {
         let spec = self.git(&self.checkout).args(["update-ref", KNOWN_GOOD_REF, &commit.to_string()]);
         process::run(&spec).await?;
+
+        if let Some(parent) = self.known_good_bundle.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| GitError::Io { action: "create", path: parent.to_path_buf(), source })?;
+        }
+        let temporary = self.known_good_bundle.with_extension("bundle.new");
+        let create = self.git(&self.checkout).arg("bundle").arg("create").arg("--quiet").arg(temporary.as_os_str()).arg(KNOWN_GOOD_REF);
+        process::run(&create).await?;
+        std::fs::rename(&temporary, &self.known_good_bundle)
+            .map_err(|source| GitError::Io { action: "rename", path: temporary.clone(), source })?;
         Ok(())
     }
 
+    /// Checks that `commit` is in the clone, fetching it from the known-good
+    /// bundle when it is not.
     async fn ensure_commit(&self, commit: CommitId) -> Result<(), GitError> {
         let spec = self.git(&self.checkout).args(["cat-file", "-e", &format!("{commit}^{{commit}}")]);
+        if process::run(&spec).await.is_ok() {
+            return Ok(());
+        }
+        self.restore_known_good().await;
         process::run(&spec).await.map_err(|_| GitError::MissingCommit { commit, checkout: self.checkout.clone() })?;
         Ok(())
     }

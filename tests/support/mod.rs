@@ -388,21 +388,35 @@ pub struct AgentSetup<'a> {
 
 impl Agent {
     /// Writes the configuration; `start` runs the agent.
+    /// `extra_stack` lines replace the default line with the same key.
     pub fn configure(setup: AgentSetup<'_>) -> Agent {
         let directory = tempfile::tempdir().expect("temporary directory");
         let journal = directory.path().join("reserved/journal");
         let checkout = directory.path().join("device/stack");
         let config = directory.path().join("agent.toml");
+        let defaults = [
+            format!("repository = \"{}\"", setup.repository),
+            format!("branch = \"{}\"", setup.branch),
+            format!("checkout = \"{}\"", checkout.display()),
+            format!("project = \"{}\"", setup.project),
+            "poll_interval = \"1s\"".to_string(),
+            "probation = \"2s\"".to_string(),
+            "git_timeout = \"20s\"".to_string(),
+            "compose_timeout = \"2m\"".to_string(),
+            "pull_timeout = \"2m\"".to_string(),
+            "retry_backoff_min = \"1s\"".to_string(),
+            "retry_backoff_max = \"3s\"".to_string(),
+        ];
+        let key_of = |line: &str| line.split('=').next().unwrap_or_default().trim().to_string();
+        let overridden: Vec<String> = setup.extra_stack.lines().map(key_of).collect();
+        let mut stack: Vec<String> = defaults.into_iter().filter(|line| !overridden.contains(&key_of(line))).collect();
+        stack.extend(setup.extra_stack.lines().map(str::to_string));
         fs::write(
             &config,
             format!(
-                "[journal]\ndirectory = \"{}\"\nsize_kib = 256\n\n[stack]\nrepository = \"{}\"\nbranch = \"{}\"\ncheckout = \"{}\"\nproject = \"{}\"\npoll_interval = \"1s\"\nprobation = \"2s\"\ngit_timeout = \"20s\"\ncompose_timeout = \"2m\"\npull_timeout = \"2m\"\nretry_backoff_min = \"1s\"\nretry_backoff_max = \"3s\"\n{}\n{}\n",
+                "[journal]\ndirectory = \"{}\"\nsize_kib = 256\n\n[stack]\n{}\n\n{}\n",
                 journal.display(),
-                setup.repository,
-                setup.branch,
-                checkout.display(),
-                setup.project,
-                setup.extra_stack,
+                stack.join("\n"),
                 setup.extra_sections
             ),
         )
@@ -630,4 +644,119 @@ impl World {
             extra_sections: "",
         })
     }
+}
+
+/// A TCP proxy on a loopback port in front of the registry. While its limit
+/// is non-zero, the link goes down after that many bytes from the registry:
+/// the connection carrying them is cut and every later connection is closed
+/// at once, until `set_limit(0)` brings the link back.
+pub struct CuttingProxy {
+    pub port: u16,
+    limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections that were cut.
+    pub cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CuttingProxy {
+    pub fn start(upstream_port: u16, limit: u64) -> CuttingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let limit = Arc::new(AtomicU64::new(limit));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (thread_limit, thread_cuts) = (limit.clone(), cuts.clone());
+        let sent_total = Arc::new(AtomicU64::new(0));
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let allowed = thread_limit.load(Ordering::SeqCst);
+                if allowed > 0 && thread_cuts.load(Ordering::SeqCst) > 0 {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                if allowed == 0 {
+                    thread_cuts.store(0, Ordering::SeqCst);
+                    sent_total.store(0, Ordering::SeqCst);
+                }
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)) else { continue };
+                let cuts = thread_cuts.clone();
+                let sent_total = sent_total.clone();
+                let (mut client_read, mut upstream_write) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_read, &mut upstream_write);
+                    let _ = upstream_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut upstream_read, mut client_write) = (upstream, client);
+                thread::spawn(move || {
+                    let mut buffer = [0u8; 16 * 1024];
+                    loop {
+                        let count = match upstream_read.read(&mut buffer) {
+                            Ok(0) | Err(_) => break,
+                            Ok(count) => count,
+                        };
+                        let sent = sent_total.fetch_add(count as u64, Ordering::SeqCst);
+                        if allowed > 0 && sent + count as u64 > allowed {
+                            let part = allowed.saturating_sub(sent) as usize;
+                            let _ = client_write.write_all(&buffer[..part.min(count)]);
+                            cuts.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        if client_write.write_all(&buffer[..count]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client_write.shutdown(std::net::Shutdown::Both);
+                    let _ = upstream_read.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy { port, limit, cuts }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Sets the bytes allowed per connection; 0 lets everything through.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn cut_count(&self) -> u64 {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Builds and pushes `<registry>/<name>:<tag>` with a layer of `megabytes`
+/// of random data, so that a pull takes many reads.
+pub fn push_large_image(registry: &Registry, name: &str, tag: &str, megabytes: usize) -> String {
+    ensure_base_image();
+    let reference = format!("{}/{name}:{tag}", registry.address());
+    let context = tempfile::tempdir().unwrap();
+    let mut data = vec![0u8; megabytes * 1024 * 1024];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(registry.port);
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    fs::write(context.path().join("payload.bin"), data).unwrap();
+    fs::write(
+        context.path().join("Dockerfile"),
+        format!("FROM {BASE_IMAGE}\nLABEL {TEST_LABEL}\nCOPY payload.bin /payload.bin\nCMD [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 1; done\"]\n"),
+    )
+    .unwrap();
+    run("docker", &["build", "--quiet", "--tag", &reference, context.path().to_str().unwrap()]);
+    run("docker", &["push", "--quiet", &reference]);
+    // Without a local copy of its layers, a pull has to download them.
+    run("docker", &["rmi", &reference]);
+    reference
+}
+
+/// Counts the transitions `from --event--> to` of the stack machine.
+pub fn count_transitions(agent: &Agent, from: &str, event: &str, to: &str) -> usize {
+    agent.replay().iter().filter(|transition| transition.machine == "stack" && transition.from == from && transition.event == event && transition.to == to).count()
 }
