@@ -99,9 +99,13 @@ pub enum JournalError {
 pub struct ReadStats {
     /// Bytes of damaged records between valid ones.
     pub damaged_bytes: u64,
+    /// Number of damaged stretches between valid records.
     pub damaged_spans: u64,
     /// Bytes of a torn final record, zeroed by the writer.
     pub torn_bytes: u64,
+    /// Header slots without a valid header when the header was last loaded.
+    /// A writer rewrites them from the other slot.
+    pub damaged_header_slots: u64,
 }
 
 impl ReadStats {
@@ -334,33 +338,56 @@ impl Journal {
         result
     }
 
-    fn read_header(&self) -> Result<Header, JournalError> {
+    /// Returns the valid header with the highest generation, and each slot's
+    /// decoded header (`None` when invalid) in the order of `HEADER_SLOTS`.
+    fn read_header(&self) -> Result<(Header, [Option<Header>; 2]), JournalError> {
         let mut block = vec![0u8; HEADER_BLOCK as usize];
         self.file.read_exact_at(&mut block, 0).map_err(io_error(&self.path, "read header"))?;
-        let header = HEADER_SLOTS
+        let slots = HEADER_SLOTS.map(|slot| Header::decode(&block[slot as usize..]));
+        let header = slots
             .iter()
-            .filter_map(|&slot| Header::decode(&block[slot as usize..]))
+            .flatten()
             .max_by_key(|header| header.generation)
+            .copied()
             .ok_or_else(|| JournalError::NoValidHeader { path: self.path.clone() })?;
 
         let actual = self.file.metadata().map_err(io_error(&self.path, "stat"))?.len();
         if actual != header.file_bytes() {
             return Err(JournalError::SizeMismatch { path: self.path.clone(), actual, expected: header.file_bytes() });
         }
-        Ok(header)
+        Ok((header, slots))
     }
 
     /// Reads the header and the whole active region from scratch.
     fn reload(&mut self) -> Result<(), JournalError> {
-        self.header = self.read_header()?;
+        let (header, slots) = self.read_header()?;
+        self.header = header;
         self.state = JournalState::new(self.options.history);
         self.stats = ReadStats::default();
+        self.stats.damaged_header_slots = slots.iter().filter(|slot| slot.is_none()).count() as u64;
         self.end = 0;
+        if self.writable {
+            self.repair_header_slots(&slots)?;
+        }
         self.read_from(0)
     }
 
+    /// Rewrites every slot that does not contain the current header. That is
+    /// a damaged slot, or an older one left by a crash between the two header
+    /// writes of a compaction. Without the rewrite, damage to the other slot
+    /// would make the journal unreadable or fall back to the inactive region.
+    fn repair_header_slots(&self, slots: &[Option<Header>; 2]) -> Result<(), JournalError> {
+        for (&offset, slot) in HEADER_SLOTS.iter().zip(slots) {
+            if *slot != Some(self.header) {
+                self.file.write_all_at(&self.header.encode(), offset).map_err(io_error(&self.path, "repair header"))?;
+                self.file.sync_data().map_err(io_error(&self.path, "sync header"))?;
+            }
+        }
+        Ok(())
+    }
+
     fn refresh_locked(&mut self) -> Result<(), JournalError> {
-        let header = self.read_header()?;
+        let (header, _) = self.read_header()?;
         if header != self.header {
             return self.reload();
         }
