@@ -4,9 +4,10 @@
 #[path = "support/journal.rs"]
 mod support;
 
+use std::fs;
 use std::path::Path;
 
-use eventpi_autoupdate::journal::{Journal, JournalError, Record};
+use eventpi_autoupdate::journal::{History, Journal, JournalError, ReadStats, Record, frame};
 
 use support::*;
 
@@ -18,6 +19,73 @@ fn append_each(directory: &Path, records: &[Record]) -> Journal {
         journal.append(vec![record.clone()]).expect("the lease holder may append");
     }
     journal
+}
+
+// Torn writes
+
+#[test]
+fn torn_last_record_every_offset() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let records = mixed_records();
+    drop(append_each(directory.path(), &records));
+    let pristine = fs::read(&path).unwrap();
+    let frames = frame_ranges(&path);
+    assert_eq!(frames.len(), records.len(), "each append of one record writes one frame");
+    let last = frames.last().unwrap().clone();
+    let region_start = current_header(&path).active_region_start();
+    let earlier = &records[..records.len() - 1];
+    let added = transition(1, 1, 2, 100);
+
+    for cut in last.clone() {
+        fs::write(&path, &pristine).unwrap();
+        zero_range(&path, cut..last.end);
+        let damaged = fs::read(&path).unwrap();
+        let left = &damaged[last.start as usize..cut as usize];
+        let expected_torn = left.iter().rposition(|&byte| byte != 0).map_or(0, |index| index as u64 + 1);
+
+        let reader = Journal::open_read_only(directory.path()).unwrap();
+        assert_eq!(reader.stats().torn_bytes, expected_torn, "cut at {cut}: a read-only handle reports the torn bytes");
+        assert_eq!(reader.state(), &fold(earlier, History::All), "cut at {cut}: a read-only handle reads every earlier record");
+        drop(reader);
+        assert!(fs::read(&path).unwrap() == damaged, "cut at {cut}: a read-only handle leaves the torn bytes in place");
+
+        let mut writer = Journal::open(directory.path(), small_options()).unwrap();
+        assert_eq!(writer.stats().torn_bytes, expected_torn, "cut at {cut}: a writer reports the torn bytes");
+        assert_eq!(writer.state(), &fold(earlier, History::Recent), "cut at {cut}: a writer reads every earlier record");
+        let after_last_valid = read_bytes(&path, last.start, (last.end - last.start) as usize);
+        assert!(after_last_valid.iter().all(|&byte| byte == 0), "cut at {cut}: a writer zeroes the torn bytes");
+        assert_eq!(writer.usage().0, last.start - region_start, "cut at {cut}: the next append goes where the torn record began");
+
+        writer.assume_epoch(1);
+        writer.append(vec![added.clone()]).unwrap();
+        drop(writer);
+
+        let frames_after = frame_ranges(&path);
+        assert_eq!(frames_after.last().unwrap().start, last.start, "cut at {cut}: the new record lands right after the last valid one");
+        let reopened = Journal::open(directory.path(), small_options()).unwrap();
+        let expected = fold(earlier.iter().chain([&added]), History::Recent);
+        assert_eq!(reopened.state(), &expected, "cut at {cut}: the new record reads back after reopening");
+        assert_eq!(reopened.stats(), ReadStats::default(), "cut at {cut}: nothing is skipped after the writer's repair");
+    }
+}
+
+#[test]
+fn read_only_counts_torn_bytes_once() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let records = mixed_records();
+    drop(append_each(directory.path(), &records));
+    let end = frame_ranges(&path).last().unwrap().end;
+    write_bytes(&path, end, &[frame::SYNC, 0x21, 0x00, 0x00]);
+
+    let mut reader = Journal::open_read_only(directory.path()).unwrap();
+    for _ in 0..3 {
+        reader.refresh().unwrap();
+    }
+
+    assert_eq!(reader.stats().torn_bytes, 2, "the torn bytes end at the last non-zero byte and are counted once");
+    assert_eq!(reader.state().total_transitions(), 3, "every record before the torn bytes is read");
 }
 
 #[test]

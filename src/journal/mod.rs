@@ -101,7 +101,8 @@ pub struct ReadStats {
     pub damaged_bytes: u64,
     /// Number of damaged stretches between valid records.
     pub damaged_spans: u64,
-    /// Bytes of a torn final record, zeroed by the writer.
+    /// Non-zero bytes after the last valid record: a torn final write. A
+    /// writer zeroes them, and a read-only handle counts them once.
     pub torn_bytes: u64,
     /// Header slots without a valid header when the header was last loaded.
     /// A writer rewrites them from the other slot.
@@ -198,6 +199,10 @@ pub struct Journal {
     end: u64,
     state: JournalState,
     stats: ReadStats,
+    /// Offset inside the active region of the torn bytes already counted in
+    /// `stats`. A read-only handle cannot zero them and reads them again on
+    /// every refresh.
+    counted_torn_at: Option<u64>,
     /// The lease epoch this handle appends under; 0 before it takes one.
     epoch: u64,
     options: JournalOptions,
@@ -234,6 +239,7 @@ impl Journal {
             end: 0,
             state: JournalState::new(options.history),
             stats: ReadStats::default(),
+            counted_torn_at: None,
             epoch: 0,
             options,
             writable,
@@ -365,6 +371,7 @@ impl Journal {
         self.state = JournalState::new(self.options.history);
         self.stats = ReadStats::default();
         self.stats.damaged_header_slots = slots.iter().filter(|slot| slot.is_none()).count() as u64;
+        self.counted_torn_at = None;
         self.end = 0;
         if self.writable {
             self.repair_header_slots(&slots)?;
@@ -422,13 +429,21 @@ impl Journal {
         }
         self.stats.damaged_bytes += scan.damaged_bytes as u64;
         self.stats.damaged_spans += scan.damaged_spans as u64;
-        self.stats.torn_bytes += scan.torn_bytes as u64;
         self.end = start + scan.end as u64;
 
-        if scan.torn_bytes > 0 && self.writable {
+        if scan.torn_bytes == 0 {
+            return Ok(());
+        }
+        if self.counted_torn_at != Some(self.end) {
+            self.stats.torn_bytes += scan.torn_bytes as u64;
+        }
+        if self.writable {
             let zeros = vec![0u8; bytes.len() - scan.end];
             self.file.write_all_at(&zeros, region_start + self.end).map_err(io_error(&self.path, "truncate torn record"))?;
             self.file.sync_data().map_err(io_error(&self.path, "sync"))?;
+            self.counted_torn_at = None;
+        } else {
+            self.counted_torn_at = Some(self.end);
         }
         Ok(())
     }
@@ -496,6 +511,7 @@ impl Journal {
 
         self.header = next;
         self.end = bytes.len() as u64;
+        self.counted_torn_at = None;
         let mut rebuilt = JournalState::new(self.options.history);
         for record in &snapshot {
             rebuilt.apply(record);

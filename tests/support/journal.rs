@@ -5,13 +5,15 @@
 //! so a change to the file format of version 1 fails these tests.
 
 use std::fs;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use eventpi_autoupdate::journal::frame;
 use eventpi_autoupdate::journal::record::{
     LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, StackMemoryRecord, TransitionRecord,
 };
-use eventpi_autoupdate::journal::{FILE_NAME, History, JournalOptions, Record, RecordMeta};
+use eventpi_autoupdate::journal::{FILE_NAME, History, JournalOptions, JournalState, Record, RecordMeta};
 use eventpi_autoupdate::machine::stack::{Attempt, Outcome, StackMemory};
 use eventpi_autoupdate::model::{CommitId, Digest, Release, ServiceImage};
 
@@ -48,6 +50,13 @@ pub struct StoredHeader {
     pub region_bytes: u64,
 }
 
+impl StoredHeader {
+    /// Returns the file offset where the active region starts.
+    pub fn active_region_start(&self) -> u64 {
+        HEADER_BLOCK_BYTES + u64::from(self.active) * self.region_bytes
+    }
+}
+
 /// Parses the header in `slot` (0 or 1) without checking its CRC.
 pub fn stored_header(path: &Path, slot: usize) -> StoredHeader {
     let bytes = read_bytes(path, HEADER_SLOT_OFFSETS[slot], HEADER_BYTES);
@@ -67,6 +76,16 @@ pub fn current_header(path: &Path) -> StoredHeader {
     first
 }
 
+/// Returns the file offsets of every valid frame in the active region, in
+/// order.
+pub fn frame_ranges(path: &Path) -> Vec<Range<u64>> {
+    let header = current_header(path);
+    let start = header.active_region_start();
+    let region = read_bytes(path, start, header.region_bytes as usize);
+    let scan = frame::scan(&region, 0, header.generation);
+    scan.frames.iter().map(|frame| start + frame.offset as u64..start + frame.end() as u64).collect()
+}
+
 pub fn read_bytes(path: &Path, offset: u64, length: usize) -> Vec<u8> {
     let file = fs::File::open(path).expect("the journal file exists");
     let mut bytes = vec![0u8; length];
@@ -83,6 +102,11 @@ pub fn write_bytes(path: &Path, offset: u64, bytes: &[u8]) {
 pub fn flip_bit(path: &Path, offset: u64, bit: u8) {
     let byte = read_bytes(path, offset, 1)[0];
     write_bytes(path, offset, &[byte ^ (1 << bit)]);
+}
+
+/// Overwrites `range` with zero bytes.
+pub fn zero_range(path: &Path, range: Range<u64>) {
+    write_bytes(path, range.start, &vec![0u8; (range.end - range.start) as usize]);
 }
 
 /// Returns the metadata of the `index`-th record of a test: a fixed boot id
@@ -172,4 +196,14 @@ pub fn mixed_records() -> Vec<Record> {
         transition(1, 3, 1, 7),
         stack_memory(1, 3, 8),
     ]
+}
+
+/// Folds `records` into a new state, as a reader that saw exactly these
+/// records would.
+pub fn fold<'a>(records: impl IntoIterator<Item = &'a Record>, history: History) -> JournalState {
+    let mut state = JournalState::new(history);
+    for record in records {
+        state.apply(record);
+    }
+    state
 }
