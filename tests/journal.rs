@@ -5,9 +5,11 @@
 mod support;
 
 use std::fs;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
-use eventpi_autoupdate::journal::{History, Journal, JournalError, ReadStats, Record, frame};
+use eventpi_autoupdate::journal::record::tag;
+use eventpi_autoupdate::journal::{History, Journal, JournalError, JournalState, ReadStats, Record, frame};
 
 use support::*;
 
@@ -19,6 +21,13 @@ fn append_each(directory: &Path, records: &[Record]) -> Journal {
         journal.append(vec![record.clone()]).expect("the lease holder may append");
     }
     journal
+}
+
+/// Returns the records with the one at `skipped` left out.
+fn without(records: &[Record], skipped: usize) -> Vec<Record> {
+    let mut kept = records.to_vec();
+    kept.remove(skipped);
+    kept
 }
 
 // Torn writes
@@ -88,6 +97,87 @@ fn read_only_counts_torn_bytes_once() {
     assert_eq!(reader.state().total_transitions(), 3, "every record before the torn bytes is read");
 }
 
+// Flipped bits
+
+/// Where a flipped bit lies, and so what reading the journal must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlipArea {
+    /// Inside the 36-byte header of slot 0 or 1.
+    HeaderSlot(usize),
+    /// In a slot after its header: bytes no reader looks at.
+    SlotPadding(usize),
+    /// Inside frame `index` of the active region.
+    Frame(usize),
+    /// In the zero bytes after the last frame.
+    AfterEnd,
+}
+
+/// Returns the state and counts a read must return after one flipped bit,
+/// as the table in the "Damage" section of the `journal` module lists them.
+fn expected_after_flip(area: FlipArea, records: &[Record], frames: &[std::ops::Range<u64>], file: &[u8]) -> (JournalState, ReadStats) {
+    let all = fold(records, History::All);
+    match area {
+        FlipArea::HeaderSlot(_) => (all, ReadStats { damaged_header_slots: 1, ..ReadStats::default() }),
+        FlipArea::SlotPadding(_) => (all, ReadStats::default()),
+        FlipArea::Frame(index) if index + 1 < frames.len() => {
+            let length = frames[index].end - frames[index].start;
+            let stats = ReadStats { damaged_bytes: length, damaged_spans: 1, ..ReadStats::default() };
+            (fold(&without(records, index), History::All), stats)
+        }
+        FlipArea::Frame(index) => {
+            // Region 1 of this journal was never used, so the last non-zero
+            // byte of the file is the end of the torn bytes in region 0.
+            let start = frames[index].start as usize;
+            let last_non_zero = file.iter().rposition(|&byte| byte != 0).expect("the journal has a non-zero byte");
+            let stats = ReadStats { torn_bytes: (last_non_zero + 1 - start) as u64, ..ReadStats::default() };
+            (fold(&without(records, index), History::All), stats)
+        }
+        FlipArea::AfterEnd => (all, ReadStats { torn_bytes: 1, ..ReadStats::default() }),
+    }
+}
+
+#[test]
+fn bit_flip_every_position() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let records = mixed_records();
+    drop(append_each(directory.path(), &records));
+    let pristine = fs::read(&path).unwrap();
+    let frames = frame_ranges(&path);
+
+    let mut positions: Vec<(u64, FlipArea)> = Vec::new();
+    for (slot, &offset) in HEADER_SLOT_OFFSETS.iter().enumerate() {
+        let header_end = offset + HEADER_BYTES as u64;
+        positions.extend((offset..header_end).map(|byte| (byte, FlipArea::HeaderSlot(slot))));
+        positions.extend((header_end..header_end + 8).map(|byte| (byte, FlipArea::SlotPadding(slot))));
+    }
+    for (index, range) in frames.iter().enumerate() {
+        positions.extend(range.clone().map(|byte| (byte, FlipArea::Frame(index))));
+    }
+    let end = frames.last().unwrap().end;
+    positions.extend((end..end + 16).map(|byte| (byte, FlipArea::AfterEnd)));
+
+    for &(offset, area) in &positions {
+        for bit in 0..8 {
+            let case = format!("bit {bit} of file byte {offset} ({area:?})");
+            fs::write(&path, &pristine).unwrap();
+            flip_bit(&path, offset, bit);
+            let damaged = fs::read(&path).unwrap();
+
+            let opened = catch_unwind(AssertUnwindSafe(|| Journal::open_read_only(directory.path())));
+            let journal = match opened {
+                Ok(Ok(journal)) => journal,
+                Ok(Err(error)) => panic!("{case}: opening failed: {error}"),
+                Err(_) => panic!("{case}: opening panicked"),
+            };
+
+            let (state, stats) = expected_after_flip(area, &records, &frames, &damaged);
+            assert_eq!(journal.stats(), stats, "{case}: counts of skipped bytes");
+            assert_eq!(journal.state(), &state, "{case}: records read");
+        }
+    }
+}
+
 #[test]
 fn both_header_slots_damaged_rejected() {
     let directory = tempfile::tempdir().unwrap();
@@ -143,4 +233,58 @@ fn writer_rewrites_stale_header_slot() {
 
     assert_eq!(slot_1.generation, 2, "the writer rewrites the older slot with the current header");
     assert_eq!(reopened.state(), &expected, "with slot 0 damaged, slot 1 still names the compacted region");
+}
+
+// Records from newer versions
+
+#[test]
+fn unknown_tag_skipped_and_counted() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let before = [lease(1, "agent-a", 0), transition(1, 1, 2, 1)];
+    let mut journal = append_each(directory.path(), &before);
+    let header = current_header(&path);
+    let unknown_at = header.active_region_start() + journal.usage().0;
+    let raw = frame::encode(header.generation, 250, b"a record type from a newer agent");
+    write_bytes(&path, unknown_at, &raw);
+
+    let after = transition(1, 2, 3, 2);
+    journal.append(vec![after.clone()]).unwrap();
+    let writer_unknown = journal.state().unknown_records;
+    drop(journal);
+    let mut other = Journal::open(directory.path(), small_options()).unwrap();
+    other.assume_epoch(1);
+    let last = transition(1, 3, 1, 3);
+    other.append(vec![last.clone()]).unwrap();
+    drop(other);
+    let reader = Journal::open_read_only(directory.path()).unwrap();
+
+    let mut expected = fold(before.iter().chain([&after, &last]), History::All);
+    expected.unknown_records = 1;
+    let frames = frame_ranges(&path);
+    assert_eq!(writer_unknown, 1, "the handle that appends next reads and counts the unknown record");
+    assert_eq!(frames[2].start, unknown_at, "the unknown record stays between the known ones");
+    assert_eq!(frames[3].start, unknown_at + raw.len() as u64, "the next append lands after the unknown record");
+    assert_eq!(reader.state(), &expected, "every known record is read and the unknown one is counted");
+    assert_eq!(reader.stats(), ReadStats::default(), "an unknown record is not damage");
+}
+
+#[test]
+fn undecodable_payload_skipped_and_counted() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let before = [lease(1, "agent-a", 0), transition(1, 1, 2, 1)];
+    let mut journal = append_each(directory.path(), &before);
+    let header = current_header(&path);
+    let raw = frame::encode(header.generation, tag::TRANSITION, &[0xFF, 0xFF, 0xFF]);
+    write_bytes(&path, header.active_region_start() + journal.usage().0, &raw);
+
+    let after = transition(1, 2, 3, 2);
+    journal.append(vec![after.clone()]).unwrap();
+    drop(journal);
+    let reader = Journal::open_read_only(directory.path()).unwrap();
+
+    let mut expected = fold(before.iter().chain([&after]), History::All);
+    expected.undecodable_records = 1;
+    assert_eq!(reader.state(), &expected, "every other record is read and the undecodable one is counted");
 }

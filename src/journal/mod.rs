@@ -19,6 +19,29 @@
 //! generation, so a torn header write leaves either the old header or the new
 //! one in force, and a damaged slot is covered by the other one.
 //!
+//! # Damage
+//!
+//! Every frame carries a CRC-32, and each header slot carries one over its
+//! fields, so a damaged frame or slot is detected and never read as data. The
+//! table lists what opening or refreshing a journal does after one flipped
+//! bit or a write cut short. `tests/journal.rs` checks each row for every bit
+//! of a small journal's headers and records, and for a cut at every byte of
+//! the last record.
+//!
+//! | Damage | What a read returns | What a writer does |
+//! |---|---|---|
+//! | one header slot | the other slot's header and every record; `damaged_header_slots` is 1 | copies the valid header into the slot |
+//! | both header slots | [`JournalError::NoValidHeader`] | nothing: the agent moves the file aside |
+//! | a slot's bytes after its 36-byte header | every record: these bytes are never read | nothing |
+//! | a record followed by a valid one | every other record; `damaged_bytes` is the damaged frame's length and `damaged_spans` is 1 | nothing: the next compaction leaves the frame out |
+//! | the last record, or a write cut short | every other record; `torn_bytes` runs from the damaged frame's first byte to the last non-zero byte | zeroes the torn bytes, so the next record goes where the damaged one began |
+//! | a zero byte after the last record | every record; `torn_bytes` is 1 | zeroes the byte |
+//!
+//! A frame with a valid CRC is not damage even when this build cannot use
+//! it: a tag from a newer version is skipped and counted in
+//! [`JournalState::unknown_records`], and a payload that does not decode in
+//! [`JournalState::undecodable_records`].
+//!
 //! # Concurrency and fencing
 //!
 //! Every append holds an exclusive `flock` on the file, re-reads the header and
