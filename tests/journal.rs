@@ -7,9 +7,16 @@ mod support;
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::process::Command;
 
-use eventpi_autoupdate::journal::record::tag;
-use eventpi_autoupdate::journal::{History, Journal, JournalError, JournalState, ReadStats, Record, frame};
+use eventpi_autoupdate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord, tag};
+use eventpi_autoupdate::journal::{History, Journal, JournalError, JournalState, ReadStats, Record, RecordMeta, frame};
+use eventpi_autoupdate::machine::MachineKind;
+use eventpi_autoupdate::machine::stack::{
+    Outcome, PlannedService, Rejection, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings,
+    StackState,
+};
+use eventpi_autoupdate::model::{CommitId, Digest, Failure, Release, ServiceImage};
 
 use support::*;
 
@@ -287,4 +294,313 @@ fn undecodable_payload_skipped_and_counted() {
     let mut expected = fold(before.iter().chain([&after]), History::All);
     expected.undecodable_records = 1;
     assert_eq!(reader.state(), &expected, "every other record is read and the undecodable one is counted");
+}
+
+// Golden journal of format version 1
+
+/// A journal written by version 0.1.0 and the `autoupdate replay` text it
+/// gives. Every later version must read it the same way, so the files are
+/// never regenerated: a new format version gets a new folder.
+const GOLDEN_DIRECTORY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/journal-v1");
+
+const GOLDEN_HOLDER: &str = "container:3f9c2a1b7e4d";
+
+fn commit(hex: &str) -> CommitId {
+    hex.parse().expect("golden commit ids are 40 hex digits")
+}
+
+fn digest(hex: &str) -> Digest {
+    format!("sha256:{hex}").parse().expect("golden digests are 64 hex digits")
+}
+
+fn golden_boot_id(text: &str) -> [u8; 16] {
+    eventpi_autoupdate::seams::parse_uuid(text).expect("golden boot ids are UUIDs")
+}
+
+fn golden_release(commit_hex: &str, web_tag: &str, web_digest: &str) -> Release {
+    Release {
+        commit: commit(commit_hex),
+        services: vec![
+            ServiceImage {
+                service: "web".into(),
+                image: format!("registry.local:5000/eventpi/web:{web_tag}"),
+                digest: digest(web_digest),
+            },
+            ServiceImage {
+                service: "recorder".into(),
+                image: "registry.local:5000/eventpi/recorder:1.9.2".into(),
+                digest: digest("5d41402abc4b2a76b9719d911017c592ae7d6e1b2a0f3c4d5e6f708192a3b4c5"),
+            },
+        ],
+    }
+}
+
+/// Returns the release of the first commit, which is applied and is the
+/// known-good commit at the end.
+fn golden_release_applied() -> Release {
+    golden_release(
+        "3b18e512dba79e4c8300dd08aeb37f8e728b8dad",
+        "2.4.0",
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    )
+}
+
+/// Returns the release of the third commit, whose probation fails so the
+/// device rolls back.
+fn golden_release_rolled_back() -> Release {
+    golden_release(
+        "e5a7c9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a1c3",
+        "2.5.0",
+        "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752",
+    )
+}
+
+const GOLDEN_REJECTED_COMMIT: &str = "9c2e6f0a41b5d7e83f1a2c4b6d8e0f1a3c5b7d9e";
+
+const GOLDEN_PROBATION_FAILURE: &str = "service web exited with code 1 during probation";
+
+fn plan_of(release: &Release) -> StackPlan {
+    let services = release
+        .services
+        .iter()
+        .map(|service| PlannedService { service: service.service.clone(), image: service.image.clone() })
+        .collect();
+    StackPlan { services }
+}
+
+/// Drives a stack machine and persists each step as the stack driver does:
+/// the transition, the memory when it changed, and the failure as the
+/// machine's last error. Times and boot ids are fixed, not read from the
+/// clock.
+struct GoldenRecorder {
+    journal: Journal,
+    machine: StackMachine,
+    boot_id: [u8; 16],
+    boot_wall_ms: u64,
+    monotonic_ms: u64,
+    clock_synced: bool,
+}
+
+impl GoldenRecorder {
+    fn new(directory: &Path) -> Self {
+        GoldenRecorder {
+            journal: Journal::open(directory, small_options()).expect("a new golden journal opens"),
+            machine: StackMachine::restore(StackState::Idle, StackMemory::default(), StackSettings::default()),
+            boot_id: golden_boot_id("6f1c8a9e-2b3d-4e5f-8a9b-0c1d2e3f4a5b"),
+            // 2026-11-02T08:00:00Z
+            boot_wall_ms: 1_793_606_400_000,
+            monotonic_ms: 21_000,
+            clock_synced: true,
+        }
+    }
+
+    fn meta(&self) -> RecordMeta {
+        RecordMeta {
+            boot_id: self.boot_id,
+            monotonic_ms: self.monotonic_ms,
+            wall_ms: self.boot_wall_ms + self.monotonic_ms,
+            clock_synced: self.clock_synced,
+        }
+    }
+
+    fn wait(&mut self, seconds: u64) {
+        self.monotonic_ms += seconds * 1000;
+    }
+
+    /// Starts a new boot `seconds_down` after the last record. The agent
+    /// starts 14 s into the boot, before the clock is synchronised.
+    fn reboot(&mut self, boot_id: &str, seconds_down: u64) {
+        let wall_ms = self.meta().wall_ms + seconds_down * 1000;
+        self.boot_id = golden_boot_id(boot_id);
+        self.monotonic_ms = 14_000;
+        self.boot_wall_ms = wall_ms - self.monotonic_ms;
+        self.clock_synced = false;
+    }
+
+    fn take_lease(&mut self) {
+        let meta = self.meta();
+        self.journal.take_lease(GOLDEN_HOLDER, meta).expect("the golden agent takes the lease");
+    }
+
+    fn handle(&mut self, event: StackEvents) {
+        let step = self
+            .machine
+            .handle(event, StackFacts { boot_id: self.boot_id })
+            .expect("every event of the golden scenario is one its state takes");
+        let meta = self.meta();
+        let machine = MachineKind::Stack.code();
+        let mut records = vec![Record::Transition(TransitionRecord {
+            meta,
+            machine,
+            from: step.from.code(),
+            event: step.event.code(),
+            to: step.to.code(),
+            attempt: step.attempt,
+        })];
+        if step.memory_changed {
+            records.push(Record::StackMemory(StackMemoryRecord { meta, memory: self.machine.memory().clone() }));
+        }
+        if let Some(failure) = step.failure {
+            records.push(Record::MachineError(MachineErrorRecord { meta, machine, message: failure.message }));
+        }
+        self.journal.append(records).expect("the golden agent holds the lease");
+    }
+}
+
+/// Writes the golden scenario into a new journal in `directory`: a full
+/// update, a rejected commit, a power cut, and an update that rolls back.
+fn write_golden_scenario(directory: &Path) {
+    let applied = golden_release_applied();
+    let rolled_back = golden_release_rolled_back();
+    let mut recorder = GoldenRecorder::new(directory);
+    recorder.take_lease();
+
+    recorder.wait(2);
+    recorder.handle(StackEvents::Poll);
+    recorder.wait(1);
+    recorder.handle(StackEvents::TipFetched(applied.commit));
+    recorder.wait(3);
+    recorder.handle(StackEvents::Valid(plan_of(&applied)));
+    recorder.wait(48);
+    recorder.handle(StackEvents::Pulled(applied.clone()));
+    recorder.wait(1);
+    recorder.handle(StackEvents::PolicyAllows);
+    recorder.wait(9);
+    recorder.handle(StackEvents::Applied);
+    recorder.wait(300);
+    recorder.handle(StackEvents::GatePassed);
+
+    recorder.wait(3600);
+    recorder.handle(StackEvents::Poll);
+    recorder.wait(1);
+    recorder.handle(StackEvents::TipFetched(commit(GOLDEN_REJECTED_COMMIT)));
+    recorder.wait(2);
+    recorder.handle(StackEvents::Invalid(Failure::rejected(
+        "commit 9c2e6f0a41b5: docker compose config failed: service \"web\" has neither an image nor a build context specified",
+    )));
+
+    recorder.wait(1800);
+    recorder.reboot("0d9b7c35-8e21-4f6a-b3c4-d5e6f7a8b9c0", 40);
+    recorder.take_lease();
+    recorder.handle(StackEvents::Resumed);
+    recorder.wait(1);
+    recorder.handle(StackEvents::Poll);
+    recorder.clock_synced = true;
+    recorder.wait(1);
+    recorder.handle(StackEvents::TipFetched(rolled_back.commit));
+    recorder.wait(2);
+    recorder.handle(StackEvents::Valid(plan_of(&rolled_back)));
+    recorder.wait(52);
+    recorder.handle(StackEvents::Pulled(rolled_back.clone()));
+    recorder.wait(1);
+    recorder.handle(StackEvents::PolicyAllows);
+    recorder.wait(10);
+    recorder.handle(StackEvents::Applied);
+    recorder.wait(95);
+    recorder.handle(StackEvents::GateFailed(Failure::rejected(GOLDEN_PROBATION_FAILURE)));
+    recorder.wait(12);
+    recorder.handle(StackEvents::Applied);
+    recorder.wait(300);
+    recorder.handle(StackEvents::GatePassed);
+}
+
+/// Runs `autoupdate replay` on the journal in `directory` and returns its
+/// standard output.
+fn run_replay(directory: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_autoupdate"))
+        .arg("replay")
+        .arg("--journal")
+        .arg(directory)
+        .output()
+        .expect("the autoupdate binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "autoupdate replay failed with {}: {stderr}", output.status);
+    String::from_utf8(output.stdout).expect("replay prints UTF-8")
+}
+
+/// Copies the golden journal into a temporary directory, so no test can
+/// change the committed file.
+fn golden_copy() -> tempfile::TempDir {
+    let directory = tempfile::tempdir().unwrap();
+    let source = Path::new(GOLDEN_DIRECTORY).join("journal.bin");
+    fs::copy(&source, journal_path(directory.path())).unwrap_or_else(|error| panic!("cannot copy {}: {error}", source.display()));
+    directory
+}
+
+#[test]
+#[ignore = "rewrites tests/golden/journal-v1; run with UPDATE_GOLDEN=1 and --ignored only for a new golden version"]
+fn generate_golden_v1() {
+    if std::env::var_os("UPDATE_GOLDEN").is_none_or(|value| value != "1") {
+        eprintln!("UPDATE_GOLDEN=1 is not set; the golden journal was not rewritten");
+        return;
+    }
+    let directory = tempfile::tempdir().unwrap();
+    write_golden_scenario(directory.path());
+    let replay = run_replay(directory.path());
+
+    fs::create_dir_all(GOLDEN_DIRECTORY).unwrap();
+    fs::copy(journal_path(directory.path()), Path::new(GOLDEN_DIRECTORY).join("journal.bin")).unwrap();
+    fs::write(Path::new(GOLDEN_DIRECTORY).join("replay.txt"), replay).unwrap();
+}
+
+#[test]
+fn golden_v1_replay_matches() {
+    let directory = golden_copy();
+    let expected = fs::read_to_string(Path::new(GOLDEN_DIRECTORY).join("replay.txt")).unwrap();
+
+    let replay = run_replay(directory.path());
+
+    assert_eq!(replay, expected, "autoupdate replay of the golden journal differs from replay.txt");
+}
+
+#[test]
+fn golden_v1_final_state_matches() {
+    let directory = golden_copy();
+    let expected_memory = StackMemory {
+        running: Some(golden_release_applied()),
+        known_good: Some(golden_release_applied()),
+        attempt: None,
+        rejected: Some(Rejection {
+            commit: golden_release_rolled_back().commit,
+            reason: GOLDEN_PROBATION_FAILURE.to_string(),
+        }),
+        resumes: 0,
+        transient_failures: 0,
+        attempts_started: 3,
+        needs_attention: None,
+        last_outcome: Some(Outcome::RolledBack {
+            failed: golden_release_rolled_back().commit,
+            restored: golden_release_applied().commit,
+        }),
+        factory_resets: 0,
+        factory_reset_reason: None,
+    };
+
+    let journal = Journal::open_read_only(directory.path()).unwrap();
+    let state = journal.state();
+    let stack = state.machine(MachineKind::Stack.code()).expect("the golden journal has stack transitions");
+
+    assert_eq!(state.stack_memory.as_ref(), Some(&expected_memory), "final stack memory");
+    assert_eq!(stack.state, Some(StackState::Idle.code()), "the stack machine ends in Idle");
+    let last_error = stack.last_error.as_ref().map(|error| error.message.as_str());
+    assert_eq!(last_error, Some(GOLDEN_PROBATION_FAILURE), "the stack machine's last error");
+    let lease = state.lease.as_ref().map(|lease| (lease.epoch, lease.holder.as_str()));
+    assert_eq!(lease, Some((2, GOLDEN_HOLDER)), "the lease taken after the reboot");
+    assert_eq!(state.total_transitions(), 20, "every transition of the scenario");
+    assert_eq!(journal.stats(), ReadStats::default(), "nothing in the golden journal is skipped");
+    assert_eq!(state.unknown_records + state.undecodable_records, 0, "every golden record decodes");
+}
+
+#[test]
+fn golden_v1_accepts_appends() {
+    let directory = golden_copy();
+    let mut journal = Journal::open(directory.path(), small_options()).unwrap();
+
+    let epoch = journal.take_lease("container:0a1b2c3d4e5f", meta(0)).unwrap();
+    journal.append(vec![transition(MachineKind::Stack.code(), 1, 2, 1)]).unwrap();
+    drop(journal);
+    let reopened = Journal::open_read_only(directory.path()).unwrap();
+
+    assert_eq!(epoch, 3, "the next lease after the golden journal's epoch 2");
+    assert_eq!(reopened.state().total_transitions(), 21, "the golden transitions and the new one");
 }
