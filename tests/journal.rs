@@ -604,3 +604,74 @@ fn golden_v1_accepts_appends() {
     assert_eq!(epoch, 3, "the next lease after the golden journal's epoch 2");
     assert_eq!(reopened.state().total_transitions(), 21, "the golden transitions and the new one");
 }
+
+// Fencing
+
+#[test]
+fn fenced_handle_writes_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let mut first = Journal::open(directory.path(), small_options()).unwrap();
+    let mut second = Journal::open(directory.path(), small_options()).unwrap();
+    let first_epoch = first.take_lease("agent-a", meta(0)).unwrap();
+    let second_epoch = second.take_lease("agent-b", meta(1)).unwrap();
+    let before = fs::read(&path).unwrap();
+
+    let result = first.append(vec![transition(1, 1, 2, 2)]);
+
+    assert_eq!(first_epoch, 1, "the first lease takes epoch 1");
+    assert_eq!(second_epoch, 2, "the second handle reads the first lease and takes epoch 2");
+    assert!(matches!(result, Err(JournalError::Fenced { ours: 1, newest: 2 })), "expected Fenced, got {result:?}");
+    assert!(fs::read(&path).unwrap() == before, "a fenced append leaves the file unchanged");
+}
+
+#[test]
+fn stale_and_aborted_leases_rejected() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let mut first = Journal::open(directory.path(), small_options()).unwrap();
+    let mut second = Journal::open(directory.path(), small_options()).unwrap();
+    first.take_lease("agent-a", meta(0)).unwrap();
+    second.take_lease("agent-b", meta(1)).unwrap();
+
+    let equal = first.append(vec![lease(2, "agent-a", 2)]);
+    let older = first.append(vec![lease(1, "agent-a", 3)]);
+    second.append(vec![lease_abort(3, 4)]).unwrap();
+    let before_aborted = fs::read(&path).unwrap();
+    let aborted = first.append(vec![lease(3, "agent-a", 5)]);
+    let aborted_by_holder = second.append(vec![lease(3, "agent-b", 6)]);
+    let unchanged = fs::read(&path).unwrap() == before_aborted;
+    let kept = second.append(vec![transition(1, 1, 2, 7)]);
+    drop((first, second));
+    let reader = Journal::open_read_only(directory.path()).unwrap();
+
+    assert!(matches!(equal, Err(JournalError::StaleLease { epoch: 2, newest: 2 })), "lease with the newest epoch: {equal:?}");
+    assert!(matches!(older, Err(JournalError::StaleLease { epoch: 1, newest: 2 })), "lease with an older epoch: {older:?}");
+    assert!(matches!(aborted, Err(JournalError::StaleLease { epoch: 3, newest: 2 })), "lease with an aborted epoch: {aborted:?}");
+    assert!(
+        matches!(aborted_by_holder, Err(JournalError::StaleLease { epoch: 3, newest: 2 })),
+        "the holder cannot take an aborted epoch either: {aborted_by_holder:?}"
+    );
+    assert!(unchanged, "rejected leases leave the file unchanged");
+    assert!(kept.is_ok(), "the holder keeps appending: {kept:?}");
+    let lease = reader.state().lease.as_ref().map(|lease| (lease.epoch, lease.holder.as_str()));
+    assert_eq!(lease, Some((2, "agent-b")), "the lease in the file");
+    assert!(reader.state().aborted_epochs.contains(&3), "the aborted epoch in the file");
+    assert_eq!(reader.state().total_transitions(), 1, "the holder's transition in the file");
+}
+
+#[test]
+fn take_lease_skips_aborted_epoch() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut first = Journal::open(directory.path(), small_options()).unwrap();
+    let mut second = Journal::open(directory.path(), small_options()).unwrap();
+    first.take_lease("agent-a", meta(0)).unwrap();
+    second.take_lease("agent-b", meta(1)).unwrap();
+    second.append(vec![lease_abort(3, 2)]).unwrap();
+
+    let epoch = first.take_lease("agent-a", meta(3)).unwrap();
+    let fenced = second.append(vec![transition(1, 1, 2, 4)]);
+
+    assert_eq!(epoch, 4, "the new lease skips the aborted epoch 3");
+    assert!(matches!(fenced, Err(JournalError::Fenced { ours: 2, newest: 4 })), "expected Fenced, got {fenced:?}");
+}
