@@ -11,12 +11,13 @@ use std::process::Command;
 
 use eventpi_autoupdate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord, tag};
 use eventpi_autoupdate::journal::{History, Journal, JournalError, JournalState, ReadStats, Record, RecordMeta, frame};
-use eventpi_autoupdate::machine::MachineKind;
+use eventpi_autoupdate::machine::{MachineKind, describe_machine};
 use eventpi_autoupdate::machine::stack::{
     Outcome, PlannedService, Rejection, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings,
     StackState,
 };
 use eventpi_autoupdate::model::{CommitId, Digest, Failure, Release, ServiceImage};
+use eventpi_autoupdate::report;
 
 use support::*;
 
@@ -674,4 +675,164 @@ fn take_lease_skips_aborted_epoch() {
 
     assert_eq!(epoch, 4, "the new lease skips the aborted epoch 3");
     assert!(matches!(fenced, Err(JournalError::Fenced { ours: 2, newest: 4 })), "expected Fenced, got {fenced:?}");
+}
+
+// Compaction
+
+/// Appends to a 36 KiB journal, enough to compact it many times. The test
+/// requires at least 5 compactions.
+const FILL_APPENDS: u64 = 2000;
+
+/// The last append that carries stack memory, an error, a lease record or a
+/// transition of machine 5. Later appends carry transitions of machines 1
+/// and 4 only, and they compact the journal again. So only the snapshot can
+/// carry those records and machine 5's state.
+const LAST_DETAILED_APPEND: u64 = 1600;
+
+/// What `fill_with_compactions` appended.
+struct Fill {
+    records: Vec<Record>,
+    transitions: Vec<TransitionRecord>,
+    compactions: u64,
+    /// Transitions appended from the append that ran the last compaction on.
+    transitions_since_compaction: usize,
+    /// Number of the append that ran the last compaction, counted from 1.
+    last_compaction_at: u64,
+}
+
+/// Appends transitions of three machines, stack memory, errors, lease aborts
+/// and a lease confirmation through `holder`, which holds lease epoch 1.
+fn fill_with_compactions(directory: &Path, holder: &mut Journal) -> Fill {
+    let path = journal_path(directory);
+    let mut fill =
+        Fill { records: Vec::new(), transitions: Vec::new(), compactions: 0, transitions_since_compaction: 0, last_compaction_at: 0 };
+    let mut generation = current_header(&path).generation;
+
+    for index in 1..=FILL_APPENDS {
+        let machine = if index % 2 == 0 { 1 } else { 4 };
+        let from = (index % 10) as u8 + 1;
+        let to = ((index + 1) % 10) as u8 + 1;
+        let mut records = vec![transition(machine, from, to, index)];
+        let detailed = index <= LAST_DETAILED_APPEND;
+        if detailed && index % 10 == 0 {
+            records.push(stack_memory(1, (index / 10 % 250) as u8, index));
+        }
+        if detailed && index % 50 == 0 {
+            records.push(transition_outside_attempt(5, 1, (index / 50 % 3) as u8 + 1, index));
+        }
+        if detailed && index % 100 == 0 {
+            records.push(machine_error(4, &format!("data filesystem has {} % free, below the 15 % watermark", index % 15), index));
+        }
+        match index {
+            500 => records.push(lease_abort(2, index)),
+            900 => records.push(lease_abort(3, index)),
+            1200 => records.push(lease_confirmed(1, index)),
+            _ => {}
+        }
+        holder.append(records.clone()).expect("the holder of lease epoch 1 may append");
+        let records_transitions = records.iter().filter(|record| matches!(record, Record::Transition(_))).count();
+
+        for record in &records {
+            if let Record::Transition(appended) = record {
+                fill.transitions.push(*appended);
+            }
+        }
+        fill.records.extend(records);
+        let now = current_header(&path).generation;
+        if now != generation {
+            fill.compactions += 1;
+            fill.transitions_since_compaction = 0;
+            fill.last_compaction_at = index;
+            generation = now;
+        }
+        fill.transitions_since_compaction += records_transitions;
+    }
+    fill
+}
+
+/// Asserts that two states agree, one field at a time so a failure names
+/// the field.
+fn assert_same_state(actual: &JournalState, expected: &JournalState, context: &str) {
+    assert_eq!(actual.machines, expected.machines, "{context}: machines");
+    assert_eq!(actual.stack_memory, expected.stack_memory, "{context}: stack memory");
+    assert_eq!(actual.lease, expected.lease, "{context}: lease");
+    assert_eq!(actual.aborted_epochs, expected.aborted_epochs, "{context}: aborted epochs");
+    assert_eq!(actual.confirmed_epochs, expected.confirmed_epochs, "{context}: confirmed epochs");
+    assert_eq!(actual.transitions, expected.transitions, "{context}: kept transitions");
+    assert_eq!(actual.dropped_transitions, expected.dropped_transitions, "{context}: dropped transitions");
+}
+
+#[test]
+fn compaction_preserves_state_and_history() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut holder = Journal::open(directory.path(), small_options()).unwrap();
+    let lease_record = lease(1, "agent-a", 0);
+    holder.append(vec![lease_record.clone()]).unwrap();
+
+    let fill = fill_with_compactions(directory.path(), &mut holder);
+    let expected = fold([&lease_record].into_iter().chain(&fill.records), History::Recent);
+    let fresh = Journal::open(directory.path(), small_options()).unwrap();
+    let reader = Journal::open_read_only(directory.path()).unwrap();
+    let entries = report::replay_entries(reader.state());
+    let text = report::replay_text(reader.state());
+
+    assert!(fill.compactions >= 5, "{FILL_APPENDS} appends compacted the journal only {} times", fill.compactions);
+    let last_compaction = fill.last_compaction_at;
+    assert!(last_compaction > LAST_DETAILED_APPEND, "the last compaction ran at append {last_compaction}, before the last detailed one");
+    assert_same_state(holder.state(), &expected, "holder after compaction against the fold of every record");
+    assert_same_state(fresh.state(), holder.state(), "fresh read against the holder");
+    assert_eq!(fresh.stats(), ReadStats::default(), "a compacted region has no damaged or torn bytes");
+    assert_eq!(entries.len(), 128 + fill.transitions_since_compaction, "replay lists the 128 kept transitions and the later ones");
+    let dropped = fill.transitions.len() - entries.len();
+    assert_eq!(reader.state().dropped_transitions, dropped as u64, "dropped transitions counted by the reader");
+    assert_eq!(text.lines().next(), Some(format!("({dropped} earlier transitions were compacted away)").as_str()), "first replay line");
+    let replayed: Vec<(String, u32)> = entries.iter().map(|entry| (entry.machine.clone(), entry.attempt)).collect();
+    let latest: Vec<(String, u32)> = fill.transitions[dropped..]
+        .iter()
+        .map(|transition| (describe_machine(transition.machine), transition.attempt))
+        .collect();
+    assert_eq!(replayed, latest, "replay lists the latest transitions in order");
+}
+
+#[test]
+fn compaction_zeroes_reused_region() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let mut holder = Journal::open(directory.path(), small_options()).unwrap();
+    holder.take_lease("agent-a", meta(0)).unwrap();
+
+    let mut index = 1;
+    while current_header(&path).generation < 3 {
+        holder.append(vec![transition(1, 1, 2, index)]).unwrap();
+        index += 1;
+    }
+    let header = current_header(&path);
+    let (end, region_bytes) = holder.usage();
+    let rest = read_bytes(&path, header.active_region_start() + end, (region_bytes - end) as usize);
+    let reader = Journal::open_read_only(directory.path()).unwrap();
+
+    assert_eq!(header.active, 0, "generation 3 uses region 0 again");
+    assert!(rest.iter().all(|&byte| byte == 0), "the bytes after the records of the reused region are zero");
+    assert_eq!(reader.stats(), ReadStats::default(), "a reader finds no torn bytes in the reused region");
+}
+
+#[test]
+fn stale_handle_rereads_compacted_header() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let mut holder = Journal::open(directory.path(), small_options()).unwrap();
+    holder.take_lease("agent-a", meta(0)).unwrap();
+    let mut stale = Journal::open(directory.path(), small_options()).unwrap();
+    let generation_at_open = current_header(&path).generation;
+
+    fill_with_compactions(directory.path(), &mut holder);
+    let generation_after_fill = current_header(&path).generation;
+    let epoch = stale.take_lease("agent-b", meta(FILL_APPENDS + 1)).unwrap();
+    let fresh = Journal::open(directory.path(), small_options()).unwrap();
+    let fenced = holder.append(vec![transition(1, 1, 2, FILL_APPENDS + 2)]);
+
+    assert!(generation_after_fill > generation_at_open, "the journal was compacted after the stale handle opened");
+    assert_eq!(epoch, 4, "the stale handle reads the aborted epochs 2 and 3 appended after it opened");
+    assert_same_state(stale.state(), fresh.state(), "stale handle after its append against a fresh read");
+    assert!(matches!(fenced, Err(JournalError::Fenced { ours: 1, newest: 4 })), "expected Fenced, got {fenced:?}");
 }

@@ -145,6 +145,12 @@ pub fn transition(machine: u8, from: u8, to: u8, index: u64) -> Record {
     })
 }
 
+/// Returns a transition of a machine that runs no attempts, such as the
+/// space guard, so its attempt number is 0.
+pub fn transition_outside_attempt(machine: u8, from: u8, to: u8, index: u64) -> Record {
+    Record::Transition(TransitionRecord { meta: meta(index), machine, from, event: 1, to, attempt: 0 })
+}
+
 pub fn machine_error(machine: u8, message: &str, index: u64) -> Record {
     Record::MachineError(MachineErrorRecord { meta: meta(index), machine, message: message.to_string() })
 }
