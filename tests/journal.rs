@@ -8,6 +8,10 @@ use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::Duration;
 
 use eventpi_autoupdate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord, tag};
 use eventpi_autoupdate::journal::{History, Journal, JournalError, JournalState, ReadStats, Record, RecordMeta, frame};
@@ -835,4 +839,132 @@ fn stale_handle_rereads_compacted_header() {
     assert_eq!(epoch, 4, "the stale handle reads the aborted epochs 2 and 3 appended after it opened");
     assert_same_state(stale.state(), fresh.state(), "stale handle after its append against a fresh read");
     assert!(matches!(fenced, Err(JournalError::Fenced { ours: 1, newest: 4 })), "expected Fenced, got {fenced:?}");
+}
+
+// Locking and readers next to a writer
+
+/// Runs `work` on a thread while the test holds an exclusive `flock` on the
+/// journal file through its own descriptor, as another process would.
+/// Returns whether `work` finished within 300 ms, before the lock was
+/// released.
+fn finished_while_locked(path: &Path, work: impl FnOnce() + Send + 'static) -> bool {
+    let other_process = fs::File::open(path).unwrap();
+    other_process.lock().unwrap();
+    let (sender, receiver) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        work();
+        sender.send(()).unwrap();
+    });
+    let finished = receiver.recv_timeout(Duration::from_millis(300)).is_ok();
+    other_process.unlock().unwrap();
+    worker.join().expect("the work finishes once the lock is released");
+    finished
+}
+
+#[test]
+fn append_and_refresh_wait_for_lock() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    let mut writer = Journal::open(directory.path(), small_options()).unwrap();
+    writer.take_lease("agent-a", meta(0)).unwrap();
+    let mut reader = Journal::open_read_only(directory.path()).unwrap();
+
+    let append_finished = finished_while_locked(&path, move || {
+        writer.append(vec![transition(1, 1, 2, 1)]).expect("the append succeeds once the lock is released");
+    });
+    let refresh_finished = finished_while_locked(&path, move || {
+        reader.refresh().expect("the refresh succeeds once the lock is released");
+    });
+
+    assert!(!append_finished, "an append returned while another process held the journal's flock");
+    assert!(!refresh_finished, "a read-only refresh returned while another process held the journal's flock");
+}
+
+/// Appends made by the writer thread; several compactions happen meanwhile.
+const CONCURRENT_APPENDS: u64 = 400;
+
+/// Checks what a reader sees after one refresh, and returns the number of
+/// transitions it has read so far.
+fn check_reader_view(journal: &Journal, name: &str, seen_before: u64) -> u64 {
+    let state = journal.state();
+    let seen = state.total_transitions();
+    assert_eq!(journal.stats(), ReadStats::default(), "{name}: a reader next to a live writer sees no damaged or torn bytes");
+    assert_eq!(state.undecodable_records, 0, "{name}: every record decodes");
+    assert!(seen >= seen_before, "{name}: the count of transitions went back from {seen_before} to {seen}");
+
+    let attempts: Vec<u32> = state.transitions.iter().map(|transition| transition.attempt).collect();
+    let contiguous = attempts.windows(2).all(|pair| pair[1] == pair[0] + 1);
+    assert!(contiguous, "{name}: transitions are read without gaps or repeats: {attempts:?}");
+    let last = attempts.last().map_or(0, |&attempt| u64::from(attempt));
+    assert_eq!(last, seen, "{name}: the last transition read is the {seen}th appended");
+
+    // Every tenth append carries the stack memory in the same write as its
+    // transition, so a reader sees both or neither.
+    let target = state.stack_memory.as_ref().and_then(|memory| memory.attempt.as_ref()).map(|attempt| attempt.target);
+    let expected_target = (seen >= 10).then_some(CommitId([(seen / 10) as u8; 20]));
+    assert_eq!(target, expected_target, "{name}: the stack memory matches the last transition read");
+    seen
+}
+
+#[test]
+fn readers_follow_concurrent_writer() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut writer = Journal::open(directory.path(), small_options()).unwrap();
+    writer.take_lease("writer", meta(0)).unwrap();
+    let readers = vec![
+        ("read-only reader", Journal::open_read_only(directory.path()).unwrap()),
+        ("first agent reader", Journal::open(directory.path(), small_options()).unwrap()),
+        ("second agent reader", Journal::open(directory.path(), small_options()).unwrap()),
+    ];
+    let writer_done = Arc::new(AtomicBool::new(false));
+
+    let reader_threads: Vec<_> = readers
+        .into_iter()
+        .map(|(name, mut journal)| {
+            let writer_done = Arc::clone(&writer_done);
+            thread::spawn(move || {
+                let mut seen = 0;
+                let mut partial_views = 0u64;
+                loop {
+                    let finished = writer_done.load(Ordering::Acquire);
+                    journal.refresh().unwrap_or_else(|error| panic!("{name}: refresh failed: {error}"));
+                    let previous = seen;
+                    seen = check_reader_view(&journal, name, seen);
+                    if seen != previous && seen < CONCURRENT_APPENDS {
+                        partial_views += 1;
+                    }
+                    if finished {
+                        return (name, journal, partial_views);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let writer_thread = thread::spawn(move || {
+        for index in 1..=CONCURRENT_APPENDS {
+            let mut records = vec![transition(1, 1, 2, index)];
+            if index % 10 == 0 {
+                records.push(stack_memory(1, (index / 10) as u8, index));
+            }
+            writer.append(records).expect("the writer holds the lease");
+            // flock is not fair: without a pause the writer takes the lock
+            // again at once and the readers rarely get between two appends.
+            thread::sleep(Duration::from_millis(1));
+        }
+        writer
+    });
+    let writer = writer_thread.join().expect("the writer thread finishes");
+    writer_done.store(true, Ordering::Release);
+    let path = journal_path(directory.path());
+
+    assert!(current_header(&path).generation > 2, "the writer compacted the journal while the readers read");
+    for thread in reader_threads {
+        let (name, reader, partial_views) = thread.join().expect("a reader thread finishes without a failed check");
+        assert!(partial_views > 0, "{name} never read the journal between the writer's first and last append");
+        assert_eq!(reader.state().total_transitions(), CONCURRENT_APPENDS, "{name}: every transition read at the end");
+        assert_eq!(reader.state().stack_memory, writer.state().stack_memory, "{name}: stack memory converges");
+        assert_eq!(reader.state().lease, writer.state().lease, "{name}: lease converges");
+        assert_eq!(reader.state().machines, writer.state().machines, "{name}: machines converge");
+    }
 }
