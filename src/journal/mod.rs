@@ -512,6 +512,10 @@ impl Journal {
 
     /// Writes a snapshot of the state into the idle region and makes it the
     /// active one.
+    ///
+    /// NOTE: the snapshot is built from the folded state, so records with a
+    /// tag this build does not know are left out. An older agent that
+    /// compacts drops the records a newer agent wrote.
     fn compact_locked(&mut self) -> Result<(), JournalError> {
         let meta = self.state.transitions.back().map(|transition| transition.meta).unwrap_or_default();
         let snapshot = self.state.snapshot(meta, state::KEPT_TRANSITIONS);
