@@ -19,6 +19,29 @@
 //! generation, so a torn header write leaves either the old header or the new
 //! one in force, and a damaged slot is covered by the other one.
 //!
+//! # Damage
+//!
+//! Every frame carries a CRC-32, and each header slot carries one over its
+//! fields, so a damaged frame or slot is detected and never read as data. The
+//! table lists what opening or refreshing a journal does after one flipped
+//! bit or a write cut short. `tests/journal.rs` checks each row for every bit
+//! of a small journal's headers and records, and for a cut at every byte of
+//! the last record.
+//!
+//! | Damage | What a read returns | What a writer does |
+//! |---|---|---|
+//! | one header slot | the other slot's header and every record; `damaged_header_slots` is 1 | copies the valid header into the slot |
+//! | both header slots | [`JournalError::NoValidHeader`] | nothing: the agent moves the file aside |
+//! | a slot's bytes after its 36-byte header | every record: these bytes are never read | nothing |
+//! | a record followed by a valid one | every other record; `damaged_bytes` is the damaged frame's length and `damaged_spans` is 1 | nothing: the next compaction leaves the frame out |
+//! | the last record, or a write cut short | every other record; `torn_bytes` runs from the damaged frame's first byte to the last non-zero byte | zeroes the torn bytes, so the next record goes where the damaged one began |
+//! | a zero byte after the last record | every record; `torn_bytes` is 1 | zeroes the byte |
+//!
+//! A frame with a valid CRC is not damage even when this build cannot use
+//! it: a tag from a newer version is skipped and counted in
+//! [`JournalState::unknown_records`], and a payload that does not decode in
+//! [`JournalState::undecodable_records`].
+//!
 //! # Concurrency and fencing
 //!
 //! Every append holds an exclusive `flock` on the file, re-reads the header and
@@ -99,9 +122,14 @@ pub enum JournalError {
 pub struct ReadStats {
     /// Bytes of damaged records between valid ones.
     pub damaged_bytes: u64,
+    /// Number of damaged stretches between valid records.
     pub damaged_spans: u64,
-    /// Bytes of a torn final record, zeroed by the writer.
+    /// Non-zero bytes after the last valid record: a torn final write. A
+    /// writer zeroes them, and a read-only handle counts them once.
     pub torn_bytes: u64,
+    /// Header slots without a valid header when the header was last loaded.
+    /// A writer rewrites them from the other slot.
+    pub damaged_header_slots: u64,
 }
 
 impl ReadStats {
@@ -194,6 +222,10 @@ pub struct Journal {
     end: u64,
     state: JournalState,
     stats: ReadStats,
+    /// Offset inside the active region of the torn bytes already counted in
+    /// `stats`. A read-only handle cannot zero them and reads them again on
+    /// every refresh.
+    counted_torn_at: Option<u64>,
     /// The lease epoch this handle appends under; 0 before it takes one.
     epoch: u64,
     options: JournalOptions,
@@ -230,6 +262,7 @@ impl Journal {
             end: 0,
             state: JournalState::new(options.history),
             stats: ReadStats::default(),
+            counted_torn_at: None,
             epoch: 0,
             options,
             writable,
@@ -334,33 +367,57 @@ impl Journal {
         result
     }
 
-    fn read_header(&self) -> Result<Header, JournalError> {
+    /// Returns the valid header with the highest generation, and each slot's
+    /// decoded header (`None` when invalid) in the order of `HEADER_SLOTS`.
+    fn read_header(&self) -> Result<(Header, [Option<Header>; 2]), JournalError> {
         let mut block = vec![0u8; HEADER_BLOCK as usize];
         self.file.read_exact_at(&mut block, 0).map_err(io_error(&self.path, "read header"))?;
-        let header = HEADER_SLOTS
+        let slots = HEADER_SLOTS.map(|slot| Header::decode(&block[slot as usize..]));
+        let header = slots
             .iter()
-            .filter_map(|&slot| Header::decode(&block[slot as usize..]))
+            .flatten()
             .max_by_key(|header| header.generation)
+            .copied()
             .ok_or_else(|| JournalError::NoValidHeader { path: self.path.clone() })?;
 
         let actual = self.file.metadata().map_err(io_error(&self.path, "stat"))?.len();
         if actual != header.file_bytes() {
             return Err(JournalError::SizeMismatch { path: self.path.clone(), actual, expected: header.file_bytes() });
         }
-        Ok(header)
+        Ok((header, slots))
     }
 
     /// Reads the header and the whole active region from scratch.
     fn reload(&mut self) -> Result<(), JournalError> {
-        self.header = self.read_header()?;
+        let (header, slots) = self.read_header()?;
+        self.header = header;
         self.state = JournalState::new(self.options.history);
         self.stats = ReadStats::default();
+        self.stats.damaged_header_slots = slots.iter().filter(|slot| slot.is_none()).count() as u64;
+        self.counted_torn_at = None;
         self.end = 0;
+        if self.writable {
+            self.repair_header_slots(&slots)?;
+        }
         self.read_from(0)
     }
 
+    /// Rewrites every slot that does not contain the current header. That is
+    /// a damaged slot, or an older one left by a crash between the two header
+    /// writes of a compaction. Without the rewrite, damage to the other slot
+    /// would make the journal unreadable or fall back to the inactive region.
+    fn repair_header_slots(&self, slots: &[Option<Header>; 2]) -> Result<(), JournalError> {
+        for (&offset, slot) in HEADER_SLOTS.iter().zip(slots) {
+            if *slot != Some(self.header) {
+                self.file.write_all_at(&self.header.encode(), offset).map_err(io_error(&self.path, "repair header"))?;
+                self.file.sync_data().map_err(io_error(&self.path, "sync header"))?;
+            }
+        }
+        Ok(())
+    }
+
     fn refresh_locked(&mut self) -> Result<(), JournalError> {
-        let header = self.read_header()?;
+        let (header, _) = self.read_header()?;
         if header != self.header {
             return self.reload();
         }
@@ -395,13 +452,21 @@ impl Journal {
         }
         self.stats.damaged_bytes += scan.damaged_bytes as u64;
         self.stats.damaged_spans += scan.damaged_spans as u64;
-        self.stats.torn_bytes += scan.torn_bytes as u64;
         self.end = start + scan.end as u64;
 
-        if scan.torn_bytes > 0 && self.writable {
+        if scan.torn_bytes == 0 {
+            return Ok(());
+        }
+        if self.counted_torn_at != Some(self.end) {
+            self.stats.torn_bytes += scan.torn_bytes as u64;
+        }
+        if self.writable {
             let zeros = vec![0u8; bytes.len() - scan.end];
             self.file.write_all_at(&zeros, region_start + self.end).map_err(io_error(&self.path, "truncate torn record"))?;
             self.file.sync_data().map_err(io_error(&self.path, "sync"))?;
+            self.counted_torn_at = None;
+        } else {
+            self.counted_torn_at = Some(self.end);
         }
         Ok(())
     }
@@ -447,6 +512,10 @@ impl Journal {
 
     /// Writes a snapshot of the state into the idle region and makes it the
     /// active one.
+    ///
+    /// NOTE: the snapshot is built from the folded state, so records with a
+    /// tag this build does not know are left out. An older agent that
+    /// compacts drops the records a newer agent wrote.
     fn compact_locked(&mut self) -> Result<(), JournalError> {
         let meta = self.state.transitions.back().map(|transition| transition.meta).unwrap_or_default();
         let snapshot = self.state.snapshot(meta, state::KEPT_TRANSITIONS);
@@ -469,6 +538,7 @@ impl Journal {
 
         self.header = next;
         self.end = bytes.len() as u64;
+        self.counted_torn_at = None;
         let mut rebuilt = JournalState::new(self.options.history);
         for record in &snapshot {
             rebuilt.apply(record);

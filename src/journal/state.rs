@@ -21,6 +21,11 @@ pub const KEPT_TRANSITIONS: usize = 128;
 pub struct MachineView {
     /// The state code after the last transition; `None` before the first.
     pub state: Option<u8>,
+    /// The attempt number of the machine's last transition.
+    ///
+    /// NOTE: after a compaction this is 0 when the machine's last transition
+    /// is older than the last `KEPT_TRANSITIONS`, because
+    /// `MachineStateRecord` has no attempt field.
     pub attempt: u32,
     pub last_error: Option<MachineErrorRecord>,
     /// Metadata of the machine's last transition.
