@@ -10,11 +10,13 @@
 # the image file was enlarged first (truncate -s). On success the script prints
 # the /etc/fstab line for partition 3 on standard output.
 #
-# No loop devices and no root privileges are needed. Every filesystem tool
-# works on a file that holds one partition, and dd copies partitions in and out
-# of the image by byte offset. The new image is assembled in a file beside
-# IMAGE and renamed over IMAGE only after every step and check passed, so a
-# rejection, a failure or an interruption leaves IMAGE byte for byte unchanged.
+# The script uses no loop devices and needs no root privileges, so it also runs
+# in containers and CI jobs without loop devices, and an interrupted run leaves
+# no loop device attached. Every filesystem tool works on a file that contains
+# one partition, and dd copies partitions in and out of the image by byte
+# offset. The new image is assembled in a file beside IMAGE and renamed over
+# IMAGE only after every step and check passed, so a rejection, a failure or an
+# interruption leaves IMAGE byte for byte unchanged.
 #
 # Exit status: 0 done, 1 rejected or failed (IMAGE unchanged), 2 usage error.
 set -euo pipefail
@@ -218,9 +220,9 @@ check_layout() {
   [ "${types[2]}" = 83 ] || { describe_partitions; fail "partition 2 has type ${types[2]}; expected 83 (Linux)"; }
 
   boot_filesystem=$(probe_filesystem "$image_path" "${starts[1]}" "${sizes[1]}")
-  [[ $boot_filesystem == vfat* ]] || { describe_partitions; fail "partition 1 holds $boot_filesystem; expected a FAT (vfat) boot filesystem"; }
+  [[ $boot_filesystem == vfat* ]] || { describe_partitions; fail "partition 1 contains $boot_filesystem; expected a FAT (vfat) boot filesystem"; }
   root_filesystem=$(probe_filesystem "$image_path" "$root_start" "$root_sectors")
-  [[ $root_filesystem == ext4* ]] || { describe_partitions; fail "partition 2 holds $root_filesystem; expected an ext4 root filesystem"; }
+  [[ $root_filesystem == ext4* ]] || { describe_partitions; fail "partition 2 contains $root_filesystem; expected an ext4 root filesystem"; }
 }
 
 # Places partition 3 in the last SIZE MiB of the image with its start rounded
@@ -242,7 +244,7 @@ make_work_directory() {
   image_directory=$(dirname -- "$image_path")
   image_name=$(basename -- "$image_path")
   work_directory=$(mktemp -d "$image_directory/.$image_name.provision.XXXXXX") \
-    || fail "cannot create a work directory in $image_directory; it needs write permission and free space for the root partition's data"
+    || fail "creating a work directory in $image_directory failed; the directory needs write permission and free space for the root partition's data"
   trap 'rm -rf -- "$work_directory"' EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
@@ -264,7 +266,7 @@ copy_bytes() {
 
 extract_root_filesystem() {
   progress "copying the root filesystem (partition 2, $(mib "$root_sectors") MiB) out of the image"
-  truncate -s $(( root_sectors * SECTOR_BYTES )) -- "$root_file" || fail "cannot create $root_file"
+  truncate -s $(( root_sectors * SECTOR_BYTES )) -- "$root_file" || fail "creating $root_file failed"
   copy_bytes "$image_path" $(( root_start * SECTOR_BYTES )) $(( root_sectors * SECTOR_BYTES )) "$root_file" 0 \
     || fail "copying partition 2 out of the image failed; check free space in $(dirname -- "$image_path")"
 }
@@ -307,20 +309,20 @@ resize_root_filesystem() {
     progress "the root filesystem keeps its size"
   else
     if (( new_block_count > block_count )); then
-      truncate -s $(( new_block_count * block_bytes )) -- "$root_file" || fail "cannot enlarge $root_file"
+      truncate -s $(( new_block_count * block_bytes )) -- "$root_file" || fail "enlarging $root_file failed; check free space in $(dirname -- "$image_path")"
     fi
     progress "resizing the root filesystem from $(( block_count * block_bytes / 1048576 )) MiB to $(( new_block_count * block_bytes / 1048576 )) MiB"
     output=$(resize2fs -- "$root_file" "$new_block_count" 2>&1) || { echo "$output" >&2; fail "resize2fs failed on the root filesystem"; }
   fi
 
-  output=$(e2fsck -f -n -- "$root_file" 2>&1) || { echo "$output" >&2; fail "the resized root filesystem does not pass e2fsck -f -n"; }
+  output=$(e2fsck -f -n -- "$root_file" 2>&1) || { echo "$output" >&2; fail "the resized root filesystem failed e2fsck -f -n"; }
   progress "root filesystem: $(( new_block_count * block_bytes / 1048576 )) MiB, about $(( (new_block_count - used_blocks) * block_bytes / 1048576 )) MiB free"
 }
 
 make_reserved_filesystem() {
   local output
 
-  truncate -s $(( reserved_sectors * SECTOR_BYTES )) -- "$reserved_file" || fail "cannot create $reserved_file"
+  truncate -s $(( reserved_sectors * SECTOR_BYTES )) -- "$reserved_file" || fail "creating $reserved_file failed"
   # -m 0 reserves no blocks for root, so the agent may use all of them.
   # lazy_*_init=0 makes mke2fs write the inode tables and the journal now, so
   # the device does not initialise them in the background after the first boot.
@@ -331,7 +333,7 @@ make_reserved_filesystem() {
 
 assemble_image() {
   progress "assembling the new image"
-  truncate -s "$image_bytes" -- "$work_image" || fail "cannot create $work_image"
+  truncate -s "$image_bytes" -- "$work_image" || fail "creating $work_image failed"
   copy_bytes "$image_path" 0 $(( root_start * SECTOR_BYTES )) "$work_image" 0 \
     || fail "copying the partition table and partition 1 failed"
   copy_bytes "$root_file" 0 $(( new_block_count * block_bytes )) "$work_image" $(( root_start * SECTOR_BYTES )) \
@@ -347,9 +349,9 @@ write_partition_table() {
   # -N 2 with only a size keeps the start and type of partition 2, and
   # --append adds partition 3 without touching the other entries.
   output=$(echo "size=$new_root_sectors" | sfdisk "${options[@]}" -N 2 -- "$work_image" 2>&1) \
-    || { echo "$output" >&2; fail "sfdisk could not resize partition 2"; }
+    || { echo "$output" >&2; fail "sfdisk failed to resize partition 2"; }
   output=$(echo "start=$reserved_start, size=$reserved_sectors, type=83" | sfdisk "${options[@]}" --append -- "$work_image" 2>&1) \
-    || { echo "$output" >&2; fail "sfdisk could not add partition 3"; }
+    || { echo "$output" >&2; fail "sfdisk failed to add partition 3"; }
 }
 
 verify_image() {
@@ -370,11 +372,18 @@ verify_image() {
     || fail "the reserved filesystem in the new image differs from the one made"
 
   reserved_filesystem=$(probe_filesystem "$work_image" "$reserved_start" "$reserved_sectors")
-  [ "$reserved_filesystem" = "ext4 labelled $LABEL" ] || fail "partition 3 of the new image holds $reserved_filesystem; expected ext4 labelled $LABEL"
+  [ "$reserved_filesystem" = "ext4 labelled $LABEL" ] || fail "partition 3 of the new image contains $reserved_filesystem; expected ext4 labelled $LABEL"
 }
 
 replace_image() {
-  chmod --reference="$image_path" -- "$work_image" || fail "cannot copy the permissions of $image_path"
+  local owner
+
+  chmod --reference="$image_path" -- "$work_image" || fail "copying the permissions of $image_path to the new image failed"
+  owner=$(stat -c %U:%G -- "$image_path")
+  if [ "$(stat -c %U:%G -- "$work_image")" != "$owner" ]; then
+    chown --reference="$image_path" -- "$work_image" 2>/dev/null \
+      || progress "setting the owner of the new image to $owner failed, so it belongs to $(id -un); run as root to keep the owner"
+  fi
   sync -- "$work_image" || fail "syncing $work_image failed"
   mv -f -- "$work_image" "$image_path" || fail "renaming $work_image to $image_path failed"
   sync -- "$(dirname -- "$image_path")" || progress "syncing the directory of $image_path failed; run sync before removing the disk"

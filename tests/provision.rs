@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -169,7 +170,7 @@ impl Layout {
 /// A test image in a temporary directory of its own, with the tree its root
 /// filesystem was made from.
 struct Fixture {
-    _temporary: tempfile::TempDir,
+    temporary_directory: tempfile::TempDir,
     directory: PathBuf,
     image: PathBuf,
     root_source: PathBuf,
@@ -184,7 +185,7 @@ impl Fixture {
         let root_source = temporary.path().join("root-source");
         fs::create_dir_all(&directory).expect("create image directory");
         fs::create_dir_all(&scratch).expect("create scratch directory");
-        let fixture = Fixture { _temporary: temporary, image: directory.join("raspios.img"), directory, root_source, scratch };
+        let fixture = Fixture { temporary_directory: temporary, image: directory.join("raspios.img"), directory, root_source, scratch };
 
         fixture.write_root_source(layout.data_mib);
         let image_sectors = layout.image_bytes / SECTOR_BYTES;
@@ -500,13 +501,23 @@ fn assert_rejected(fixture: &Fixture, arguments: &[&str], status: i32, message: 
 #[test]
 fn default_size_shrinks_root() {
     let fixture = Fixture::build(&Layout::new(400, 24));
+    fs::set_permissions(&fixture.image, fs::Permissions::from_mode(0o640)).expect("set image mode");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    if is_root {
+        std::os::unix::fs::chown(&fixture.image, Some(65534), Some(65534)).expect("give the image to nobody");
+    }
     let before = Before::capture(&fixture);
+    let owner = fs::metadata(&fixture.image).expect("image metadata");
 
     let output = fixture.provision(&[]);
 
     check_provisioned(&fixture, &before, &output, 256);
     let root = &read_partition_table(&fixture.image).partitions[1];
     assert!(root.size < before.table.partitions[1].size, "partition 2 shrank");
+    let after = fs::metadata(&fixture.image).expect("image metadata");
+    assert_eq!(after.permissions().mode() & 0o7777, 0o640, "image mode");
+    assert_eq!((after.uid(), after.gid()), (owner.uid(), owner.gid()), "image owner");
 }
 
 #[test]
@@ -533,6 +544,30 @@ fn unaligned_image_end_and_small_blocks() {
     let output = fixture.provision(&["--size=32"]);
 
     check_provisioned(&fixture, &before, &output, 32);
+}
+
+#[test]
+fn unprivileged_user_provisions() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("NOTE: the tests run without root, so every test already runs the script unprivileged");
+        return;
+    }
+    let fixture = Fixture::build(&Layout::new(300, 8));
+    let nobody = 65534;
+    fs::set_permissions(fixture.temporary_directory.path(), fs::Permissions::from_mode(0o755)).expect("open the temporary directory to all users");
+    std::os::unix::fs::chown(&fixture.directory, Some(nobody), Some(nobody)).expect("give the image directory to nobody");
+    std::os::unix::fs::chown(&fixture.image, Some(nobody), Some(nobody)).expect("give the image to nobody");
+    let before = Before::capture(&fixture);
+
+    // A PATH without the sbin directories, as ordinary users on Debian have.
+    let output = tool("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env", "PATH=/usr/bin:/bin", SCRIPT, "--size", "64"])
+        .arg(&fixture.image)
+        .output()
+        .expect("start setpriv");
+
+    check_provisioned(&fixture, &before, &output, 64);
 }
 
 #[test]
@@ -602,12 +637,12 @@ fn unexpected_layouts_reject() {
 
     let blank_boot = Fixture::build(&Layout::new(100, 1));
     zero_bytes(&blank_boot.image, BOOT_START * SECTOR_BYTES, MIB);
-    assert_rejected(&blank_boot, &[], 1, "partition 1 holds no filesystem; expected a FAT (vfat) boot filesystem");
+    assert_rejected(&blank_boot, &[], 1, "partition 1 contains no filesystem; expected a FAT (vfat) boot filesystem");
 
     let mut ext2_layout = Layout::new(100, 1);
     ext2_layout.root_filesystem = "ext2";
     let ext2_root = Fixture::build(&ext2_layout);
-    assert_rejected(&ext2_root, &[], 1, "partition 2 holds ext2 labelled rootfs; expected an ext4 root filesystem");
+    assert_rejected(&ext2_root, &[], 1, "partition 2 contains ext2 labelled rootfs; expected an ext4 root filesystem");
 }
 
 #[test]
