@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the tools that the example and the tests need on a Debian 12 host:
-# Compose v2 (from Debian trixie's package, unpacked as a CLI plugin), the
-# registry, sshd, graphviz, busybox-static and the cross linkers. Safe to run
-# again: each step is skipped when its result is already present.
+# Installs the tools that the example and the tests need on a Debian 12 host.
+# They are Compose v2 (from Debian trixie's package, unpacked as a CLI plugin),
+# the registry, sshd, graphviz, busybox-static, the cross linkers and the disk
+# image tools of tests/provision.rs (sfdisk, mkfs.vfat, e2fsprogs).
+# Safe to run again: each step is skipped when its result is already present.
 set -euo pipefail
 
 need_root() {
@@ -14,7 +15,7 @@ need_root() {
 
 install_debian_packages() {
   local wanted=(docker-registry openssh-server openssh-client graphviz busybox-static
-                dpkg-dev mmdebstrap e2fsprogs fdisk parted util-linux
+                dpkg-dev mmdebstrap e2fsprogs fdisk dosfstools parted util-linux
                 gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user-static
                 apache2-utils python3-prometheus-client)
   local missing=()
@@ -32,6 +33,8 @@ install_debian_packages() {
 # libc6 >= 2.34 alone, so its binary runs here as a docker CLI plugin.
 install_compose_v2() {
   local plugin_dir=/usr/local/lib/docker/cli-plugins
+  # Trixie's build prints "2.26.1-4" without the "v" that upstream builds
+  # print ("v2.x.y").
   if docker compose version --short 2>/dev/null | grep -Eq '^v?2\.'; then
     return
   fi
