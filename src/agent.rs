@@ -123,6 +123,9 @@ fn open_journal(config: &Config) -> Result<SharedJournal, JournalError> {
     };
 
     let stats = journal.stats();
+    if stats.damaged_header_slots > 0 {
+        tracing::warn!(slots = stats.damaged_header_slots, "journal header slot was damaged and has been rewritten");
+    }
     if stats.ignored_bytes() > 0 {
         tracing::warn!(
             damaged_bytes = stats.damaged_bytes,
