@@ -23,9 +23,11 @@ example-clean:
 
 # Runs every test against the real Docker engine, registry and git server.
 # Failpoints are compiled in so the power-cut tests can stop the agent at a
-# given state.
+# given state; the release binary, built without them, is tested to ignore
+# AUTOUPDATE_FAILPOINT.
 test: setup
 	scripts/clean-test-resources.sh
+	$(CARGO) build --release --bin autoupdate
 	$(CARGO) nextest run --features failpoints --profile ci
 	scripts/clean-test-resources.sh
 

@@ -100,6 +100,7 @@ build_image() { # name tag command [healthcheck]
 web() { echo "mkdir -p /www && echo '<h1>example web $1</h1>' > /www/index.html && exec httpd -f -p 8080 -h /www"; }
 build_image web v1 "$(web v1)" "wget -q -O /dev/null http://127.0.0.1:8080/"
 build_image web v2 "$(web v2)" "wget -q -O /dev/null http://127.0.0.1:8080/"
+build_image web v3 "echo web v3 starting; sleep 2; echo web v3 crashed >&2; exit 1"
 build_image db v1 "mkdir -p /data && echo ready > /data/state && trap 'exit 0' TERM; while true; do sleep 1; done"
 
 say "Creating the stack repository with the device branch $branch"
@@ -115,6 +116,7 @@ services:
   web:
     image: $registry/example/web:$1
     ports: ["127.0.0.1:$web_port:8080"]
+    restart: unless-stopped
     stop_grace_period: 2s
   db:
     image: $registry/example/db:v1
@@ -179,12 +181,17 @@ say "Pushed ${third:0:12}, which names the image web:v9 that the registry does n
 wait_for "the bad commit to be refused" "rejected commit ${third:0:12}"
 say "Refused ${third:0:12}; the stack still runs ${second:0:12}: $(curl -fsS "http://127.0.0.1:$web_port/")"
 
+fourth=$(commit "Update web to v3, which crashes after two seconds" v3)
+say "Pushed ${fourth:0:12}, whose web v3 crashes two seconds after it starts"
+wait_for "the agent to roll back" "last outcome: rolled back"
+say "Rolled back to ${second:0:12} by its pinned digests: $(curl -fsS "http://127.0.0.1:$web_port/")"
+
 printf 'services:\n  web:\n    image: %s/example/web:v2\n   ports: [oops\n' "$registry" >compose.yaml
 git commit --quiet -am "Break the YAML"
 git push --quiet --force origin "HEAD:refs/heads/$branch"
-fourth=$(git rev-parse HEAD)
-say "Pushed ${fourth:0:12}, whose compose.yaml is not valid YAML"
-wait_for "the broken commit to be refused" "rejected commit ${fourth:0:12}"
+fifth=$(git rev-parse HEAD)
+say "Pushed ${fifth:0:12}, whose compose.yaml is not valid YAML"
+wait_for "the broken commit to be refused" "rejected commit ${fifth:0:12}"
 
 say "Stopping the agent"
 kill -TERM "$agent_pid"

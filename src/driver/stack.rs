@@ -129,8 +129,10 @@ impl StackDriver {
         self.publish();
         if self.machine.state() != StackState::Idle {
             tracing::info!(machine = "stack", state = self.machine.state().name(), "resuming after a restart");
-            self.feed(StackEvents::Resumed)?;
         }
+        // In Idle too: the commands of the last persisted step may not have
+        // run before the agent stopped, and Idle repeats the keep-tags.
+        self.feed(StackEvents::Resumed)?;
 
         loop {
             if let Some(command) = self.queue.pop_front() {
@@ -176,8 +178,13 @@ impl StackDriver {
     /// Appends the step to the journal and syncs it. A poll's first step
     /// (`Idle` or `Ready` to `Fetching`) is held back: fetching changes
     /// nothing on the device, and when the poll ends where it began with the
-    /// memory unchanged, neither step is written.
+    /// memory unchanged, neither step is written. A resume in `Idle` that
+    /// changes nothing is not written either.
     fn persist(&mut self, step: &Step) -> Result<(), DriverError> {
+        let quiet_resume = step.event == StackEvent::Resumed && step.from == StackState::Idle && step.to == StackState::Idle;
+        if quiet_resume && !step.memory_changed {
+            return Ok(());
+        }
         let quiet_start = step.event == StackEvent::Poll && matches!(step.from, StackState::Idle | StackState::Ready);
         if quiet_start && !step.memory_changed {
             self.deferred = Some(step.clone());

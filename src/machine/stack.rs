@@ -46,7 +46,7 @@ crate::define_machine! {
     table: STACK_TABLE,
     transitions: {
         Idle + Poll / start_fetch = Fetching,
-        Idle + Resumed = Idle,
+        Idle + Resumed / keep_known_good = Idle,
 
         Fetching + TipFetched(CommitId) [is_running_tip] / settle_running = Idle,
         Fetching + TipFetched(CommitId) [is_rejected_tip] / skip_rejected = Idle,
@@ -310,6 +310,13 @@ impl StackStateMachineContext for StackContext {
 
     fn can_revert(&self) -> Result<bool, ()> {
         Ok(self.memory.known_good.is_some())
+    }
+
+    fn keep_known_good(&mut self) -> ActionResult {
+        if let Some(keep) = self.memory.known_good.clone() {
+            self.commands.push(StackCommand::KeepImages { keep, release: None });
+        }
+        Ok(())
     }
 
     fn start_fetch(&mut self) -> ActionResult {

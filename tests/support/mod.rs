@@ -375,6 +375,7 @@ pub struct Agent {
     log: PathBuf,
     child: Option<Child>,
     environment: Vec<(String, String)>,
+    binary: PathBuf,
 }
 
 /// Settings for a test agent; `extra` is appended to the `[stack]` section.
@@ -422,7 +423,14 @@ impl Agent {
         )
         .unwrap();
         let log = directory.path().join("agent.log");
-        Agent { directory, config, journal, checkout, project: setup.project, log, child: None, environment: Vec::new() }
+        let binary = PathBuf::from(env!("CARGO_BIN_EXE_autoupdate"));
+        Agent { directory, config, journal, checkout, project: setup.project, log, child: None, environment: Vec::new(), binary }
+    }
+
+    /// Runs another build of the agent, such as the release binary.
+    pub fn with_binary(mut self, binary: PathBuf) -> Agent {
+        self.binary = binary;
+        self
     }
 
     pub fn with_env(mut self, key: &str, value: &str) -> Agent {
@@ -440,7 +448,7 @@ impl Agent {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "agent already running");
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_autoupdate"));
+        let mut command = Command::new(&self.binary);
         command
             .args(["run", "--config", self.config.to_str().unwrap()])
             .env("AUTOUPDATE_LOG", "info,eventpi_autoupdate=debug")
