@@ -2,21 +2,23 @@
 //! Docker engine, and runs the machines until a stop signal arrives.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
 use crate::config::Config;
+use crate::control;
 use crate::driver::compose::Compose;
 use crate::driver::docker::Engine;
 use crate::driver::git::GitMirror;
 use crate::driver::process::{self, CommandSpec};
-use crate::driver::stack::{DriverError, DriverSettings, SharedJournal, StackDriver};
+use crate::driver::stack::{DriverError, DriverSettings, StackDriver};
 use crate::journal::{History, Journal, JournalError, JournalOptions};
 use crate::machine::stack::StackSettings;
+use crate::notify::SenderSettings;
 use crate::panel::{self, Board, Condition, Source};
 use crate::platform::Platform;
+use crate::runtime::{Runtime, SharedJournal, WatchedDisk};
 use crate::seams::Seams;
 
 /// Time between two attempts to reach the Docker engine at start.
@@ -33,6 +35,10 @@ pub enum AgentError {
 
     #[error(transparent)]
     Driver(#[from] DriverError),
+
+    /// A part of the agent could not start, such as the control socket.
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Runs the agent until `shutdown` completes or the journal fails.
@@ -43,13 +49,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let epoch = journal.lock().expect("the journal lock is not shared yet").take_lease(&holder, seams.meta())?;
     tracing::info!(holder, epoch, journal = %config.journal.directory.display(), "agent started and took the lease");
 
-    let board = Board::new();
-    board.set(Source::Agent, Some(Condition::Starting));
-    let panel_task = tokio::spawn(panel::run_simulated(board.subscribe()));
+    let secret = match (&config.notifications.webhook_url, &config.notifications.secret_file) {
+        (Some(_), Some(path)) => Some(crate::notify::read_secret(path).map_err(AgentError::Setup)?),
+        _ => None,
+    };
+    let disks = vec![
+        WatchedDisk { role: "reserved".into(), path: config.journal.directory.clone() },
+        WatchedDisk { role: "stack".into(), path: config.stack.checkout.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/")) },
+    ];
+    let runtime = Arc::new(Runtime::new(device_name(&config), journal, seams, config.notifications.max_pending, disks));
+    runtime.board.set(Source::Agent, Some(Condition::Starting));
+    let panel_task = tokio::spawn(panel::run_simulated(runtime.board.subscribe()));
 
     tokio::pin!(shutdown);
     let result = tokio::select! {
-        result = run_machines(&config, journal, seams, board.clone()) => result,
+        result = run_machines(&config, runtime.clone()) => result,
+        () = serve_control(&config, runtime.clone()) => Ok(()),
+        result = run_sender(&config, runtime.clone(), secret) => result,
         () = &mut shutdown => {
             tracing::info!("stop requested");
             Ok(())
@@ -58,6 +74,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     process::stop_children(CHILD_GRACE).await;
     panel_task.abort();
+    let _ = std::fs::remove_file(&config.control.socket);
     match &result {
         Ok(()) => tracing::info!("agent stopped"),
         Err(error) => tracing::error!(%error, "agent stopped on an error"),
@@ -65,11 +82,45 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
-async fn run_machines(config: &Config, journal: SharedJournal, seams: Seams, board: Board) -> Result<(), AgentError> {
+/// Serves the control API. When it cannot start, the agent goes on updating
+/// without it: the error is logged and this future never completes.
+async fn serve_control(config: &Config, runtime: Arc<Runtime>) {
+    if let Err(error) = control::server::serve(runtime, &config.control.socket, config.control.tcp_port).await {
+        tracing::error!(%error, "control API not available; the agent keeps updating without it");
+    }
+    std::future::pending::<()>().await
+}
+
+fn device_name(config: &Config) -> String {
+    config.agent.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        host.trim().to_string()
+    })
+}
+
+/// Delivers notifications while a webhook is configured; otherwise waits
+/// forever, and notifications stay in the outbox.
+async fn run_sender(config: &Config, runtime: Arc<Runtime>, secret: Option<Vec<u8>>) -> Result<(), AgentError> {
+    let (Some(url), Some(secret)) = (&config.notifications.webhook_url, secret) else {
+        return std::future::pending().await;
+    };
+    let settings = SenderSettings {
+        url: url.parse().map_err(|error| AgentError::Setup(format!("notifications.webhook_url {url:?}: {error}")))?,
+        secret,
+        device: runtime.device.clone(),
+        timeout: config.notifications.timeout,
+        retry_min: config.notifications.retry_backoff_min,
+        retry_max: config.notifications.retry_backoff_max,
+    };
+    crate::notify::run_sender(runtime.journal.clone(), runtime.seams.clone(), settings, runtime.outbox_wake.clone()).await?;
+    Ok(())
+}
+
+async fn run_machines(config: &Config, runtime: Arc<Runtime>) -> Result<(), AgentError> {
     let platform = config.docker.platform.as_deref().and_then(Platform::parse);
-    let engine = wait_for_engine(config.docker.host.as_deref(), platform, &board).await;
+    let engine = wait_for_engine(config.docker.host.as_deref(), platform, &runtime.board).await;
     let compose_command = find_compose(config).await;
-    board.set(Source::Agent, None);
+    runtime.board.set(Source::Agent, None);
 
     let stack = &config.stack;
     let git = GitMirror {
@@ -100,7 +151,7 @@ async fn run_machines(config: &Config, journal: SharedJournal, seams: Seams, boa
         factory_reset_timeout: stack.factory_reset_timeout,
         machine: StackSettings { max_resumes: stack.max_resumes },
     };
-    let driver = StackDriver::new(journal, seams, engine, git, compose, settings, board, Arc::new(Notify::new()));
+    let driver = StackDriver::new(runtime, engine, git, compose, settings);
     driver.run().await?;
     Ok(())
 }

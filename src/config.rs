@@ -20,8 +20,61 @@ pub struct Config {
     pub journal: JournalConfig,
     pub docker: DockerConfig,
     pub stack: StackConfig,
+    pub control: ControlConfig,
+    pub notifications: NotificationsConfig,
     pub panel: PanelConfig,
     pub seams: SeamsConfig,
+}
+
+/// `[control]`: the local API for the CLI and monitoring.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ControlConfig {
+    /// Unix socket of the control API.
+    pub socket: PathBuf,
+    /// Also serve the API on this TCP port of 127.0.0.1, for a metrics
+    /// scraper on the device. Never bound to another address.
+    pub tcp_port: Option<u16>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig { socket: PathBuf::from("/run/eventpi/autoupdate.sock"), tcp_port: None }
+    }
+}
+
+/// `[notifications]`: the webhook that receives failures, rollbacks, factory
+/// resets and warnings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct NotificationsConfig {
+    /// `http://` or `https://` URL that receives each notification as a JSON
+    /// POST. Without it, notifications wait in the outbox.
+    pub webhook_url: Option<String>,
+    /// File with the shared secret for the HMAC-SHA256 signature; mode 0600.
+    pub secret_file: Option<PathBuf>,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Notifications kept in the outbox; when it is full, the oldest of the
+    /// lowest severity is dropped and counted.
+    pub max_pending: usize,
+    #[serde(deserialize_with = "duration")]
+    pub retry_backoff_min: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            webhook_url: None,
+            secret_file: None,
+            timeout: Duration::from_secs(10),
+            max_pending: 200,
+            retry_backoff_min: Duration::from_secs(5),
+            retry_backoff_max: Duration::from_secs(900),
+        }
+    }
 }
 
 /// `[agent]`: identity, logging and local working files.
@@ -315,16 +368,20 @@ impl Config {
         let journal = sections.required::<JournalConfig>(&mut table, "journal");
         let docker = sections.optional::<DockerConfig>(&mut table, "docker");
         let stack = sections.required::<StackConfig>(&mut table, "stack");
+        let control = sections.optional::<ControlConfig>(&mut table, "control");
+        let notifications = sections.optional::<NotificationsConfig>(&mut table, "notifications");
         let panel = sections.optional::<PanelConfig>(&mut table, "panel");
         let seams = sections.optional::<SeamsConfig>(&mut table, "seams");
         for unknown in table.keys() {
-            sections.problem(unknown, "unknown section or key; the sections are agent, journal, docker, stack, panel and seams");
+            sections.problem(unknown, "unknown section or key; the sections are agent, journal, docker, stack, control, notifications, panel and seams");
         }
 
         let mut problems = sections.problems;
-        match (agent, journal, docker, stack, panel, seams) {
-            (Some(agent), Some(journal), Some(docker), Some(stack), Some(panel), Some(seams)) if problems.is_empty() => {
-                let config = Config { agent, journal, docker, stack, panel, seams };
+        match (agent, journal, docker, stack, control, notifications, panel, seams) {
+            (Some(agent), Some(journal), Some(docker), Some(stack), Some(control), Some(notifications), Some(panel), Some(seams))
+                if problems.is_empty() =>
+            {
+                let config = Config { agent, journal, docker, stack, control, notifications, panel, seams };
                 problems.extend(config.check(text));
                 if problems.is_empty() { Ok(config) } else { Err(problems) }
             }
@@ -405,6 +462,32 @@ impl Config {
             if crate::platform::Platform::parse(platform).is_none() {
                 report("docker.platform", format!("{platform:?} is not a platform: write os/arch or os/arch/variant, for example linux/arm64"));
             }
+        }
+        if !self.control.socket.is_absolute() {
+            report("control.socket", format!("{} must be an absolute path", self.control.socket.display()));
+        }
+        if self.control.tcp_port == Some(0) {
+            report("control.tcp_port", "must be a port number from 1 to 65535".into());
+        }
+        let notifications = &self.notifications;
+        if let Some(url) = &notifications.webhook_url {
+            let parsed = url.parse::<hyper::Uri>();
+            let scheme_ok = parsed.as_ref().is_ok_and(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some());
+            if !scheme_ok {
+                report("notifications.webhook_url", format!("{url:?} is not an http:// or https:// URL with a host"));
+            }
+            if notifications.secret_file.is_none() {
+                report("notifications.secret_file", "is missing: the webhook needs a shared secret for the signature".into());
+            }
+        }
+        if notifications.max_pending == 0 {
+            report("notifications.max_pending", "must be at least 1".into());
+        }
+        if notifications.timeout.is_zero() {
+            report("notifications.timeout", "must be longer than zero".into());
+        }
+        if notifications.retry_backoff_min.is_zero() || notifications.retry_backoff_max < notifications.retry_backoff_min {
+            report("notifications.retry_backoff_max", "must be at least notifications.retry_backoff_min, which must be longer than zero".into());
         }
         if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));

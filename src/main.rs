@@ -8,8 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use eventpi_autoupdate::config::{Config, LogFormat};
+use eventpi_autoupdate::control::client::{self, ClientError, Endpoint};
 use eventpi_autoupdate::journal::Journal;
 use eventpi_autoupdate::machine::{MachineKind, TABLES};
+use eventpi_autoupdate::runtime::Progress;
+use eventpi_autoupdate::status::{self, AgentStatus};
 use eventpi_autoupdate::{agent, diagram, report};
 
 /// Keeps a headless Raspberry Pi up to date: its Compose stack from a git
@@ -24,6 +27,25 @@ struct Cli {
 
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where to find the running agent.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// Configuration file: its control.socket and journal.directory are used.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Control socket of the running agent. Default: control.socket of
+    /// --config, or /run/eventpi/autoupdate.sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Press {
+    Short,
+    Long,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -57,11 +79,54 @@ enum Command {
     },
 
     /// Prints the current state of every machine, the last known-good commit
-    /// with its image digests, and the last error, read from the journal.
+    /// with its image digests, and the last error.
+    ///
+    /// Asks the running agent through its control socket; when it does not
+    /// answer, reads the journal instead.
     Status {
-        /// Journal directory (journal.directory in the configuration).
+        #[command(flatten)]
+        target: Target,
+
+        /// Journal directory to read when the agent does not answer. Default:
+        /// journal.directory of --config.
         #[arg(long, value_name = "DIR")]
-        journal: PathBuf,
+        journal: Option<PathBuf>,
+
+        /// Prints the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Asks the running agent to check for an update now and shows the
+    /// progress until the run ends. On a terminal, image pulls show a
+    /// progress bar; otherwise every line is plain text. The exit status is 1
+    /// when the run failed or rolled back.
+    UpdateNow {
+        #[command(flatten)]
+        target: Target,
+
+        /// Check the stack's branch (the default).
+        #[arg(long, group = "process")]
+        stack: bool,
+
+        /// Check for a new image of the agent itself.
+        #[arg(long = "self", group = "process")]
+        self_update: bool,
+
+        /// Patch the host.
+        #[arg(long, group = "process")]
+        host: bool,
+    },
+
+    /// Sends a button press to the running agent, as the panel's button would:
+    /// short checks for an update now.
+    Button {
+        #[command(flatten)]
+        target: Target,
+
+        /// `short` or `long`.
+        #[arg(value_enum)]
+        press: Press,
     },
 
     /// Prints every transition in the journal in order: time (UTC), machine,
@@ -119,9 +184,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Status { journal } => {
-            let journal = Journal::open_read_only(&journal)?;
-            print!("{}", report::status_text(&journal));
+        Command::Status { target, journal, json } => status(&target, journal, json),
+        Command::UpdateNow { target, self_update, host, .. } => {
+            let process = if self_update { "self" } else if host { "host" } else { "stack" };
+            update_now(&target, process)
+        }
+        Command::Button { target, press } => {
+            let (endpoint, _) = resolve(&target)?;
+            let press = match press {
+                Press::Short => "short",
+                Press::Long => "long",
+            };
+            let body = serde_json::json!({ "press": press }).to_string();
+            let answer = block_on(client::call(&endpoint, hyper::Method::POST, "/button", Some(body)))?;
+            println!("{answer}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { journal, json } => {
@@ -146,6 +222,145 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", diagram::to_dot(table));
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Returns the control endpoint and the journal directory a command uses.
+fn resolve(target: &Target) -> anyhow::Result<(Endpoint, Option<PathBuf>)> {
+    let config = match &target.config {
+        Some(path) => Some(Config::load(path)?),
+        None => None,
+    };
+    let socket = target
+        .socket
+        .clone()
+        .or_else(|| config.as_ref().map(|config| config.control.socket.clone()))
+        .unwrap_or_else(|| PathBuf::from("/run/eventpi/autoupdate.sock"));
+    Ok((Endpoint::Unix(socket), config.map(|config| config.journal.directory)))
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime always builds").block_on(future)
+}
+
+fn status(target: &Target, journal: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let (endpoint, configured_journal) = resolve(target)?;
+    let journal = journal.or(configured_journal);
+    let live = if journal.is_some() && target.socket.is_none() && target.config.is_none() {
+        None
+    } else {
+        match block_on(client::call(&endpoint, hyper::Method::GET, "/status", None)) {
+            Ok(text) => Some(serde_json::from_str::<AgentStatus>(&text).context("the agent's status is not valid JSON")?),
+            Err(error @ (ClientError::Unreachable { .. } | ClientError::TimedOut { .. })) if journal.is_some() => {
+                eprintln!("note: {error}; reading the journal instead");
+                None
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    let status = match live {
+        Some(status) => status,
+        None => {
+            let directory = journal.context("the agent does not answer and no journal directory is known: pass --journal or --config")?;
+            let journal = Journal::open_read_only(&directory)?;
+            status::from_journal(&journal, "")
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status::render(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn update_now(target: &Target, process: &str) -> anyhow::Result<ExitCode> {
+    let (endpoint, _) = resolve(target)?;
+    let terminal = std::io::stdout().is_terminal();
+    let mut printer = ProgressPrinter::new(terminal);
+    let body = serde_json::json!({ "process": process }).to_string();
+    block_on(client::stream_lines(&endpoint, "/update-now", body, |line| printer.line(line)))?;
+    printer.finish();
+    Ok(if printer.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Shows the `update-now` stream: a bar per image pull on a terminal, plain
+/// lines otherwise.
+struct ProgressPrinter {
+    terminal: bool,
+    bars: std::collections::HashMap<String, indicatif::ProgressBar>,
+    printed_tenths: std::collections::HashMap<String, u64>,
+    ok: bool,
+}
+
+impl ProgressPrinter {
+    fn new(terminal: bool) -> Self {
+        ProgressPrinter { terminal, bars: Default::default(), printed_tenths: Default::default(), ok: true }
+    }
+
+    fn line(&mut self, line: &str) {
+        let event = match serde_json::from_str::<Progress>(line) {
+            Ok(event) => event,
+            Err(_) => {
+                println!("{line}");
+                return;
+            }
+        };
+        match event {
+            Progress::Step { machine, from, event, to, commit } => {
+                let commit = commit.map(|commit| format!(" (commit {commit})")).unwrap_or_default();
+                self.println(format!("{machine}: {from} --{event}--> {to}{commit}"));
+            }
+            Progress::Pull { image, current, total } => self.pull(image, current, total),
+            Progress::Finished { machine, outcome, ok } => {
+                self.ok = ok;
+                self.println(format!("{machine}: {outcome}"));
+            }
+            Progress::Error { message } => {
+                self.ok = false;
+                self.println(format!("error: {message}"));
+            }
+        }
+    }
+
+    fn pull(&mut self, image: String, current: u64, total: u64) {
+        if self.terminal && total > 0 {
+            let bar = self.bars.entry(image.clone()).or_insert_with(|| {
+                let bar = indicatif::ProgressBar::new(total);
+                let style = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                    .expect("the template is valid")
+                    .progress_chars("=> ");
+                bar.set_style(style);
+                bar.set_message(image.clone());
+                bar
+            });
+            bar.set_length(total);
+            bar.set_position(current);
+            return;
+        }
+        if total == 0 {
+            println!("pull {image}: every layer is already present");
+            return;
+        }
+        let tenth = current * 10 / total;
+        let printed = self.printed_tenths.entry(image.clone()).or_insert(u64::MAX);
+        if *printed != tenth {
+            *printed = tenth;
+            println!("pull {image}: {} of {} MiB", current / (1024 * 1024), total.div_ceil(1024 * 1024));
+        }
+    }
+
+    fn println(&self, text: String) {
+        match self.bars.values().next() {
+            Some(bar) if self.terminal => bar.println(text),
+            _ => println!("{text}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        for bar in self.bars.values() {
+            bar.finish();
         }
     }
 }

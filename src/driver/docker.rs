@@ -124,6 +124,13 @@ impl Engine {
     /// Pulls `image`, checks its platform and returns the manifest digest
     /// that the registry served.
     pub async fn pull(&self, image: &str, timeout: Duration) -> Result<Digest, EngineError> {
+        self.pull_with_progress(image, timeout, &|_, _| {}).await
+    }
+
+    /// Pulls like [`Engine::pull`] and calls `progress` with the bytes
+    /// downloaded so far and the total of the layers seen, at most four times
+    /// a second.
+    pub async fn pull_with_progress(&self, image: &str, timeout: Duration, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Digest, EngineError> {
         let reference = ImageReference::parse(image).map_err(|_| EngineError::BadReference { image: image.to_string() })?;
         let tag = match (&reference.digest, &reference.tag) {
             (Some(digest), _) => digest.to_string(),
@@ -136,9 +143,31 @@ impl Engine {
             let mut stream = self.docker.create_image(Some(options), None, None);
             let mut served_digest = None;
             let mut layers_done = 0usize;
+            let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
+            let mut last_report = tokio::time::Instant::now();
             while let Some(item) = stream.next().await {
                 let info = item.map_err(|error| classify_pull_error(image, error))?;
-                let status = info.status.unwrap_or_default();
+                let status = info.status.clone().unwrap_or_default();
+                if let (Some(layer), Some(detail)) = (&info.id, &info.progress_detail) {
+                    if status == "Downloading" {
+                        let current = detail.current.unwrap_or(0).max(0) as u64;
+                        let total = detail.total.unwrap_or(0).max(0) as u64;
+                        layers.insert(layer.clone(), (current, total));
+                    }
+                }
+                if status == "Download complete" || status == "Pull complete" {
+                    if let Some(layer) = &info.id {
+                        if let Some(entry) = layers.get_mut(layer) {
+                            entry.0 = entry.1;
+                        }
+                    }
+                }
+                if last_report.elapsed() >= Duration::from_millis(250) && !layers.is_empty() {
+                    let current = layers.values().map(|(current, _)| current).sum();
+                    let total = layers.values().map(|(_, total)| total).sum();
+                    progress(current, total);
+                    last_report = tokio::time::Instant::now();
+                }
                 if let Some(digest) = status.strip_prefix("Digest: ") {
                     served_digest = digest.trim().parse::<Digest>().ok();
                 }
@@ -147,6 +176,8 @@ impl Engine {
                     tracing::debug!(image, layer = info.id.as_deref().unwrap_or(""), layers_done, "layer ready");
                 }
             }
+            let total = layers.values().map(|(_, total)| total).sum();
+            progress(total, total);
             Ok::<_, EngineError>(served_digest)
         };
         let served_digest = tokio::time::timeout(timeout, pull)

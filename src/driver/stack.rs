@@ -3,14 +3,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::ApplyPolicy;
+use crate::coordinator::{Process, Turn};
 use crate::driver::compose::Compose;
 use crate::driver::docker::{Engine, EngineError};
 use crate::driver::git::GitMirror;
@@ -18,18 +18,18 @@ use crate::driver::health::{self, GateSettings};
 use crate::driver::process::{self, CommandSpec};
 use crate::failpoint::{self, Point};
 use crate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord};
-use crate::journal::{Journal, JournalError, Record};
+use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
 use crate::machine::stack::{
-    ApplyPurpose, Outcome, StackCommand, StackEvent, StackEvents, StackFacts, StackMachine, StackPlan, StackSettings,
-    StackState, Step,
+    ApplyPurpose, Outcome, StackCommand, StackEvent, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan,
+    StackSettings, StackState, Step,
 };
-use crate::model::{CommitId, Failure, Release, ServiceImage};
-use crate::panel::{Board, Condition, Source};
-use crate::seams::Seams;
+use crate::model::{CommitId, Failure, FailureKind, Release, ServiceImage};
+use crate::notify::{Notice, Severity};
+use crate::panel::{Condition, Source};
+use crate::runtime::{Progress, Runtime};
 
-/// A journal shared by the machines of one agent.
-pub type SharedJournal = Arc<Mutex<Journal>>;
+pub use crate::runtime::SharedJournal;
 
 /// Name of the override file, inside the state directory.
 const OVERRIDE_FILE: &str = "pinned.override.json";
@@ -67,30 +67,23 @@ pub struct StackDriver {
     /// something new, so that quiet polls do not wear the journal.
     deferred: Option<Step>,
     backoff: Option<Duration>,
-    journal: SharedJournal,
-    seams: Seams,
+    runtime: Arc<Runtime>,
     engine: Engine,
     git: GitMirror,
     compose: Compose,
     settings: DriverSettings,
-    board: Board,
-    wake: Arc<Notify>,
+    /// The turn to change the device, held from the apply until the machine
+    /// is back in `Idle`.
+    turn: Option<Turn>,
+    /// When the current attempt left `Idle`, for the duration metric.
+    attempt_started: Option<Instant>,
 }
 
 impl StackDriver {
     /// Builds the driver with the machine in the state the journal records.
-    pub fn new(
-        journal: SharedJournal,
-        seams: Seams,
-        engine: Engine,
-        git: GitMirror,
-        compose: Compose,
-        settings: DriverSettings,
-        board: Board,
-        wake: Arc<Notify>,
-    ) -> StackDriver {
+    pub fn new(runtime: Arc<Runtime>, engine: Engine, git: GitMirror, compose: Compose, settings: DriverSettings) -> StackDriver {
         let (state, memory) = {
-            let journal = journal.lock().expect("no code panics while holding the journal lock");
+            let journal = runtime.lock_journal();
             let view = journal.state().machine(MachineKind::Stack.code());
             let code = view.and_then(|view| view.state);
             let state = code.and_then(StackState::from_code).unwrap_or_else(|| {
@@ -107,14 +100,28 @@ impl StackDriver {
             queue: VecDeque::new(),
             deferred: None,
             backoff: None,
-            journal,
-            seams,
+            runtime,
             engine,
             git,
             compose,
             settings,
-            board,
-            wake,
+            turn: None,
+            attempt_started: None,
+        }
+    }
+
+    /// Tells whether `state` changes the device, so the machine must hold
+    /// the turn while in it.
+    fn changes_device(state: StackState) -> bool {
+        matches!(
+            state,
+            StackState::Applying | StackState::Probation | StackState::Reverting | StackState::RevertProbation | StackState::FactoryReset
+        )
+    }
+
+    async fn take_turn(&mut self, purpose: String) {
+        if self.turn.is_none() {
+            self.turn = Some(self.runtime.coordinator.acquire(Process::Stack, &purpose).await);
         }
     }
 
@@ -130,9 +137,15 @@ impl StackDriver {
         if self.machine.state() != StackState::Idle {
             tracing::info!(machine = "stack", state = self.machine.state().name(), "resuming after a restart");
         }
+        if Self::changes_device(self.machine.state()) {
+            self.take_turn(format!("resume {}", self.machine.state().name())).await;
+        }
         // In Idle too: the commands of the last persisted step may not have
         // run before the agent stopped, and Idle repeats the keep-tags.
         self.feed(StackEvents::Resumed)?;
+        // A starting agent checks the branch at once instead of waiting a
+        // whole poll interval.
+        self.backoff.get_or_insert(Duration::ZERO);
 
         loop {
             if let Some(command) = self.queue.pop_front() {
@@ -159,7 +172,7 @@ impl StackDriver {
 
     /// Feeds one event and persists the step before queuing its commands.
     fn feed(&mut self, event: StackEvents) -> Result<(), DriverError> {
-        let facts = StackFacts { boot_id: self.seams.boot_id.boot_id() };
+        let facts = StackFacts { boot_id: self.runtime.seams.boot_id.boot_id() };
         let step = match self.machine.handle(event, facts) {
             Ok(step) => step,
             Err(unexpected) => {
@@ -170,9 +183,38 @@ impl StackDriver {
 
         self.persist(&step)?;
         self.log_step(&step);
+        self.after_step(&step);
         self.queue.extend(step.commands.iter().cloned());
         self.publish();
         Ok(())
+    }
+
+    /// Reports progress, counts ended attempts and releases the turn.
+    fn after_step(&mut self, step: &Step) {
+        self.runtime.report(Progress::Step {
+            machine: "stack".into(),
+            from: step.from.name().into(),
+            event: step.event.name().into(),
+            to: step.to.name().into(),
+            commit: step.target.map(|commit| commit.short()),
+        });
+        if step.from == StackState::Fetching && step.to == StackState::Validating {
+            self.attempt_started = Some(Instant::now());
+        }
+
+        let settled = step.to == StackState::Idle && step.from != step.to;
+        if !settled {
+            return;
+        }
+        let (outcome, ok) = finished_outcome(step, self.machine.memory());
+        self.runtime.report(Progress::Finished { machine: "stack".into(), outcome: outcome.clone(), ok });
+        if step.to == StackState::Idle {
+            self.turn = None;
+            if let Some(label) = metric_outcome(step, self.machine.memory()) {
+                let duration = self.attempt_started.take().map(|started| started.elapsed());
+                self.runtime.metrics.record_update("stack", label, duration);
+            }
+        }
     }
 
     /// Appends the step to the journal and syncs it. A poll's first step
@@ -203,7 +245,7 @@ impl StackDriver {
     }
 
     fn append_step(&mut self, step: &Step) -> Result<(), DriverError> {
-        let meta = self.seams.meta();
+        let meta = self.runtime.seams.meta();
         let memory = self.machine.memory();
         let attempt = step.attempt;
         let mut records = vec![Record::Transition(TransitionRecord {
@@ -225,7 +267,8 @@ impl StackDriver {
             }));
         }
 
-        self.journal.lock().expect("no code panics while holding the journal lock").append(records)?;
+        let notices = notices_for(step, memory);
+        self.runtime.append_with_notices(records, &notices)?;
         failpoint::hit("stack", step.to.name(), Point::AfterPersist);
         Ok(())
     }
@@ -270,7 +313,7 @@ impl StackDriver {
             StackState::Applying | StackState::Probation | StackState::Reverting | StackState::RevertProbation => Condition::Applying,
             StackState::FactoryReset => Condition::ResetRunning,
         };
-        self.board.set(Source::Stack, Some(condition));
+        self.runtime.board.set(Source::Stack, Some(condition));
     }
 
     async fn wait_for_poll(&mut self) {
@@ -281,7 +324,7 @@ impl StackDriver {
         tracing::debug!(machine = "stack", delay = %humantime::format_duration(delay), "next poll");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = self.wake.notified() => tracing::info!(machine = "stack", "check requested"),
+            _ = self.runtime.stack_wake.notified() => tracing::info!(machine = "stack", "check requested"),
         }
     }
 
@@ -345,7 +388,10 @@ impl StackDriver {
                 continue;
             }
             tracing::info!(machine = "stack", commit = %commit.short(), image = %service.image, "pulling");
-            match self.engine.pull(&service.image, self.settings.pull_timeout).await {
+            let runtime = self.runtime.clone();
+            let image = service.image.clone();
+            let report = move |current: u64, total: u64| runtime.report(Progress::Pull { image: image.clone(), current, total });
+            match self.engine.pull_with_progress(&service.image, self.settings.pull_timeout, &report).await {
                 Ok(digest) => {
                     tracing::info!(machine = "stack", image = %service.image, %digest, "pulled");
                     digests.insert(service.image.clone(), digest);
@@ -381,13 +427,17 @@ impl StackDriver {
         loop {
             let allowed = match self.settings.apply_policy {
                 ApplyPolicy::Immediate => true,
-                ApplyPolicy::OnBoot => pulled_on_boot.is_some_and(|pulled| pulled != self.seams.boot_id.boot_id()),
+                ApplyPolicy::OnBoot => pulled_on_boot.is_some_and(|pulled| pulled != self.runtime.seams.boot_id.boot_id()),
             };
             if allowed {
+                let commit = self.machine.memory().attempt.as_ref().map(|attempt| attempt.target.short()).unwrap_or_default();
+                self.take_turn(format!("apply commit {commit}")).await;
                 return StackEvents::PolicyAllows;
             }
             if !reported {
                 tracing::info!(machine = "stack", policy = "on-boot", "images are pulled; the update is applied after the next boot");
+                let outcome = "images pulled; waiting for the apply policy".to_string();
+                self.runtime.report(Progress::Finished { machine: "stack".into(), outcome, ok: true });
                 reported = true;
             }
 
@@ -397,7 +447,7 @@ impl StackDriver {
             }
             tokio::select! {
                 _ = tokio::time::sleep((poll_at - now).min(Duration::from_secs(1))) => {}
-                _ = self.wake.notified() => return StackEvents::Poll,
+                _ = self.runtime.stack_wake.notified() => return StackEvents::Poll,
             }
         }
     }
@@ -492,6 +542,93 @@ impl StackDriver {
             Err(error) => StackEvents::ResetFailed(Failure::local(format!("factory reset command failed: {error}"))),
         }
     }
+}
+
+/// Returns the text and success flag that `update-now` shows when the machine
+/// settles in `Idle`.
+fn finished_outcome(step: &Step, memory: &StackMemory) -> (String, bool) {
+    if let Some(failure) = &step.failure {
+        return (failure.message.clone(), false);
+    }
+    match (step.from, &memory.last_outcome) {
+        (StackState::Fetching, _) => ("no new commit".into(), true),
+        (StackState::Probation, Some(Outcome::Applied { commit })) => (format!("applied commit {}", commit.short()), true),
+        (StackState::RevertProbation, Some(Outcome::RolledBack { failed, restored })) => {
+            (format!("commit {} failed; rolled back to {}", failed.short(), restored.short()), false)
+        }
+        (StackState::FactoryReset, Some(Outcome::FactoryReset { reason })) => (format!("factory reset done: {reason}"), false),
+        (_, Some(Outcome::GaveUp { reason })) => (format!("gave up: {reason}"), false),
+        _ => (format!("{} after {}", step.to.name(), step.event.name()), true),
+    }
+}
+
+/// Returns the metric label of an attempt that ended with `step`, if it did.
+fn metric_outcome(step: &Step, memory: &StackMemory) -> Option<&'static str> {
+    if step.attempt == 0 || step.from == StackState::Idle {
+        return None;
+    }
+    if step.failure.as_ref().is_some_and(|failure| failure.kind != FailureKind::Rejected) && matches!(step.from, StackState::Fetching | StackState::Validating | StackState::Pulling) {
+        return Some("retry");
+    }
+    match (step.from, &memory.last_outcome) {
+        (StackState::Fetching, _) => None,
+        (StackState::Probation, Some(Outcome::Applied { .. })) => Some("applied"),
+        (StackState::RevertProbation, Some(Outcome::RolledBack { .. })) => Some("rolled_back"),
+        (StackState::FactoryReset, Some(Outcome::FactoryReset { .. })) => Some("factory_reset"),
+        (_, Some(Outcome::GaveUp { .. })) => Some("gave_up"),
+        (_, Some(Outcome::Rejected { .. })) => Some("rejected"),
+        _ => None,
+    }
+}
+
+/// Returns the notifications a step causes: every failure, rollback, factory
+/// reset and needs-attention condition, and each applied update. Transient
+/// failures notify only at the first of a streak.
+fn notices_for(step: &Step, memory: &StackMemory) -> Vec<Notice> {
+    let machine = MachineKind::Stack.code();
+    let notice = |severity, kind, message: String| Notice { severity, kind, machine, message };
+    let mut notices = Vec::new();
+
+    if let Some(failure) = &step.failure {
+        let (severity, kind) = match (step.event, failure.kind) {
+            (StackEvent::GateFailed, _) if step.from == StackState::RevertProbation => (Severity::Error, "rollback-failed"),
+            (StackEvent::GateFailed, _) => (Severity::Error, "health-gate-failed"),
+            (StackEvent::ApplyFailed, _) => (Severity::Error, "apply-failed"),
+            (StackEvent::ResetFailed, _) => (Severity::Error, "factory-reset-failed"),
+            (_, FailureKind::Rejected) => (Severity::Warning, "commit-rejected"),
+            (_, FailureKind::Local) => (Severity::Error, "device-problem"),
+            (_, FailureKind::Transient) => (Severity::Warning, "server-unreachable"),
+        };
+        let first_of_streak = failure.kind != FailureKind::Transient || memory.transient_failures <= 1;
+        if first_of_streak {
+            notices.push(notice(severity, kind, failure.message.clone()));
+        }
+    }
+    if step.event == StackEvent::Resumed && step.from != step.to && step.from != StackState::Idle {
+        notices.push(notice(Severity::Error, "agent-crash-loop", format!("the agent restarted too often in {}; took the failure path", step.from.name())));
+    }
+    match (step.from, step.to, &memory.last_outcome) {
+        (StackState::Probation, StackState::Idle, Some(Outcome::Applied { commit })) => {
+            notices.push(notice(Severity::Info, "update-applied", format!("commit {} is applied and healthy", commit.short())));
+        }
+        (StackState::RevertProbation, StackState::Idle, Some(Outcome::RolledBack { failed, restored })) => {
+            notices.push(notice(Severity::Error, "rollback", format!("commit {} failed; rolled back to {}", failed.short(), restored.short())));
+        }
+        (from, StackState::FactoryReset, _) if from != StackState::FactoryReset => {
+            let reason = memory.factory_reset_reason.clone().unwrap_or_default();
+            notices.push(notice(Severity::Error, "factory-reset-started", reason));
+        }
+        (StackState::FactoryReset, StackState::Idle, Some(Outcome::FactoryReset { reason })) => {
+            notices.push(notice(Severity::Warning, "factory-reset-done", reason.clone()));
+        }
+        _ => {}
+    }
+    if step.from == StackState::FactoryReset && step.to == StackState::Idle {
+        if let Some(reason) = &memory.needs_attention {
+            notices.push(notice(Severity::Error, "needs-attention", reason.clone()));
+        }
+    }
+    notices
 }
 
 /// Returns the keep-tag for one service of a commit. Docker tags allow

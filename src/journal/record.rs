@@ -90,6 +90,43 @@ pub struct StackMemoryRecord {
     pub memory: StackMemory,
 }
 
+/// A notification waiting in the outbox until the webhook takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationRecord {
+    pub meta: RecordMeta,
+    /// Idempotency id, sent with every delivery attempt.
+    pub id: [u8; 16],
+    /// A [`crate::notify::Severity`] code.
+    pub severity: u8,
+    /// Short machine-readable kind, such as `rollback` or `commit-rejected`.
+    pub kind: String,
+    /// A [`crate::machine::MachineKind`] code.
+    pub machine: u8,
+    pub message: String,
+}
+
+/// The webhook accepted a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationDeliveredRecord {
+    pub meta: RecordMeta,
+    pub id: [u8; 16],
+}
+
+/// A notification dropped from a full outbox to make room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationDroppedRecord {
+    pub meta: RecordMeta,
+    pub id: [u8; 16],
+}
+
+/// Outbox totals, written by compaction so they survive it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxCountersRecord {
+    pub meta: RecordMeta,
+    pub delivered: u64,
+    pub dropped: u64,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -101,6 +138,10 @@ pub enum Record {
     Compacted(CompactedRecord),
     MachineState(MachineStateRecord),
     StackMemory(StackMemoryRecord),
+    Notification(NotificationRecord),
+    NotificationDelivered(NotificationDeliveredRecord),
+    NotificationDropped(NotificationDroppedRecord),
+    OutboxCounters(OutboxCountersRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -118,6 +159,10 @@ pub mod tag {
     pub const COMPACTED: u8 = 6;
     pub const MACHINE_STATE: u8 = 7;
     pub const STACK_MEMORY: u8 = 16;
+    pub const NOTIFICATION: u8 = 96;
+    pub const NOTIFICATION_DELIVERED: u8 = 97;
+    pub const NOTIFICATION_DROPPED: u8 = 98;
+    pub const OUTBOX_COUNTERS: u8 = 99;
 }
 
 /// Error for a payload with a known tag that does not decode.
@@ -147,6 +192,10 @@ impl Record {
             Record::Compacted(_) => tag::COMPACTED,
             Record::MachineState(_) => tag::MACHINE_STATE,
             Record::StackMemory(_) => tag::STACK_MEMORY,
+            Record::Notification(_) => tag::NOTIFICATION,
+            Record::NotificationDelivered(_) => tag::NOTIFICATION_DELIVERED,
+            Record::NotificationDropped(_) => tag::NOTIFICATION_DROPPED,
+            Record::OutboxCounters(_) => tag::OUTBOX_COUNTERS,
         }
     }
 
@@ -160,6 +209,10 @@ impl Record {
             Record::Compacted(record) => &record.meta,
             Record::MachineState(record) => &record.meta,
             Record::StackMemory(record) => &record.meta,
+            Record::Notification(record) => &record.meta,
+            Record::NotificationDelivered(record) => &record.meta,
+            Record::NotificationDropped(record) => &record.meta,
+            Record::OutboxCounters(record) => &record.meta,
         }
     }
 
@@ -174,6 +227,10 @@ impl Record {
             Record::Compacted(record) => postcard::to_stdvec(record),
             Record::MachineState(record) => postcard::to_stdvec(record),
             Record::StackMemory(record) => postcard::to_stdvec(record),
+            Record::Notification(record) => postcard::to_stdvec(record),
+            Record::NotificationDelivered(record) => postcard::to_stdvec(record),
+            Record::NotificationDropped(record) => postcard::to_stdvec(record),
+            Record::OutboxCounters(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -193,6 +250,10 @@ impl Record {
             tag::COMPACTED => Record::Compacted(parse(tag, payload)?),
             tag::MACHINE_STATE => Record::MachineState(parse(tag, payload)?),
             tag::STACK_MEMORY => Record::StackMemory(parse(tag, payload)?),
+            tag::NOTIFICATION => Record::Notification(parse(tag, payload)?),
+            tag::NOTIFICATION_DELIVERED => Record::NotificationDelivered(parse(tag, payload)?),
+            tag::NOTIFICATION_DROPPED => Record::NotificationDropped(parse(tag, payload)?),
+            tag::OUTBOX_COUNTERS => Record::OutboxCounters(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::journal::record::{
     CompactedRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
-    Record, RecordMeta, StackMemoryRecord, TransitionRecord,
+    NotificationRecord, OutboxCountersRecord, Record, RecordMeta, StackMemoryRecord, TransitionRecord,
 };
 use crate::machine::stack::StackMemory;
 
@@ -58,6 +58,10 @@ pub struct JournalState {
     pub unknown_records: u64,
     /// Records with a known tag whose payload did not decode, skipped.
     pub undecodable_records: u64,
+    /// Notifications not yet delivered, oldest first.
+    pub outbox: VecDeque<NotificationRecord>,
+    pub notifications_delivered: u64,
+    pub notifications_dropped: u64,
     history: History,
 }
 
@@ -73,6 +77,9 @@ impl JournalState {
             dropped_transitions: 0,
             unknown_records: 0,
             undecodable_records: 0,
+            outbox: VecDeque::new(),
+            notifications_delivered: 0,
+            notifications_dropped: 0,
             history,
         }
     }
@@ -132,6 +139,27 @@ impl JournalState {
                 view.last_change.get_or_insert(state.meta);
             }
             Record::StackMemory(memory) => self.stack_memory = Some(memory.memory.clone()),
+            Record::Notification(notification) => {
+                if !self.outbox.iter().any(|queued| queued.id == notification.id) {
+                    self.outbox.push_back(notification.clone());
+                }
+            }
+            Record::NotificationDelivered(delivered) => {
+                if let Some(index) = self.outbox.iter().position(|queued| queued.id == delivered.id) {
+                    self.outbox.remove(index);
+                    self.notifications_delivered += 1;
+                }
+            }
+            Record::NotificationDropped(dropped) => {
+                if let Some(index) = self.outbox.iter().position(|queued| queued.id == dropped.id) {
+                    self.outbox.remove(index);
+                    self.notifications_dropped += 1;
+                }
+            }
+            Record::OutboxCounters(counters) => {
+                self.notifications_delivered = self.notifications_delivered.max(counters.delivered);
+                self.notifications_dropped = self.notifications_dropped.max(counters.dropped);
+            }
         }
     }
 
@@ -154,6 +182,12 @@ impl JournalState {
         if let Some(memory) = &self.stack_memory {
             records.push(Record::StackMemory(StackMemoryRecord { meta, memory: memory.clone() }));
         }
+        records.push(Record::OutboxCounters(OutboxCountersRecord {
+            meta,
+            delivered: self.notifications_delivered,
+            dropped: self.notifications_dropped,
+        }));
+        records.extend(self.outbox.iter().cloned().map(Record::Notification));
 
         let first_kept = self.transitions.len() - kept;
         records.extend(self.transitions.iter().skip(first_kept).map(|transition| Record::Transition(*transition)));

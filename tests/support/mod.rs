@@ -412,10 +412,12 @@ impl Agent {
         let overridden: Vec<String> = setup.extra_stack.lines().map(key_of).collect();
         let mut stack: Vec<String> = defaults.into_iter().filter(|line| !overridden.contains(&key_of(line))).collect();
         stack.extend(setup.extra_stack.lines().map(str::to_string));
+        let socket = directory.path().join("control.sock");
+        let control = if setup.extra_sections.contains("[control]") { String::new() } else { format!("[control]\nsocket = \"{}\"\n", socket.display()) };
         fs::write(
             &config,
             format!(
-                "[journal]\ndirectory = \"{}\"\nsize_kib = 256\n\n[stack]\n{}\n\n{}\n",
+                "[journal]\ndirectory = \"{}\"\nsize_kib = 256\n\n[stack]\n{}\n\n{control}\n{}\n",
                 journal.display(),
                 stack.join("\n"),
                 setup.extra_sections
@@ -521,6 +523,16 @@ impl Agent {
             return String::new();
         }
         cli(&["status", "--journal", self.journal.to_str().unwrap()])
+    }
+
+    /// Returns the text of `autoupdate status` from the running agent.
+    pub fn live_status(&self) -> String {
+        cli(&["status", "--config", self.config.to_str().unwrap()])
+    }
+
+    /// Returns the control socket of this agent.
+    pub fn socket(&self) -> PathBuf {
+        self.directory.path().join("control.sock")
     }
 
     /// Tells whether the status names `commit` as the known-good commit.
@@ -767,4 +779,156 @@ pub fn push_large_image(registry: &Registry, name: &str, tag: &str, megabytes: u
 /// Counts the transitions `from --event--> to` of the stack machine.
 pub fn count_transitions(agent: &Agent, from: &str, event: &str, to: &str) -> usize {
     agent.replay().iter().filter(|transition| transition.machine == "stack" && transition.from == from && transition.event == event && transition.to == to).count()
+}
+
+/// How the webhook receiver answers the next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Ok,
+    ServerError,
+    /// Reads the request and never answers.
+    Hang,
+}
+
+/// One request the webhook receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: String,
+    /// How the receiver answered it.
+    pub answer: Answer,
+}
+
+/// A webhook receiver on a loopback port that records every request. Its
+/// answers come from a script, then `Answer::Ok` once the script runs out.
+pub struct Webhook {
+    pub port: u16,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    script: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Answer>>>,
+    running: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Webhook {
+    pub fn start() -> Webhook {
+        let mut webhook = Webhook { port: free_port(), received: Default::default(), script: Default::default(), running: None };
+        webhook.resume();
+        webhook
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    /// Queues answers for the next requests.
+    pub fn script(&self, answers: &[Answer]) {
+        self.script.lock().unwrap().extend(answers.iter().copied());
+    }
+
+    /// Starts listening again on the same port.
+    pub fn resume(&mut self) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("bind the webhook port");
+        listener.set_nonblocking(true).unwrap();
+        let running = std::sync::Arc::new(AtomicBool::new(true));
+        let (flag, received, script) = (running.clone(), self.received.clone(), self.script.clone());
+        thread::spawn(move || {
+            while flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (received, script) = (received.clone(), script.clone());
+                        thread::spawn(move || serve_webhook_request(stream, &received, &script));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        self.running = Some(running);
+    }
+
+    /// Stops listening: connections are refused until `resume`.
+    pub fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        let address = format!("127.0.0.1:{}", self.port);
+        wait_until("the webhook port to close", Duration::from_secs(5), None, || TcpStream::connect(&address).is_err());
+    }
+
+    /// Returns the requests answered with `Answer::Ok`.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.received.lock().unwrap().iter().filter(|request| request.answer == Answer::Ok).cloned().collect()
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn serve_webhook_request(
+    mut stream: TcpStream,
+    received: &std::sync::Mutex<Vec<Received>>,
+    script: &std::sync::Mutex<std::collections::VecDeque<Answer>>,
+) {
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut data = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let header_end = loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(count) => data.extend_from_slice(&buffer[..count]),
+        }
+        if let Some(position) = data.windows(4).position(|window| window == b"\r\n\r\n") {
+            break position + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&data[..header_end]).into_owned();
+    let mut headers = std::collections::HashMap::new();
+    for line in head.lines().skip(1) {
+        if let Some((key, value)) = line.split_once(':') {
+            headers.insert(key.trim().to_lowercase(), value.trim().to_string());
+        }
+    }
+    let length: usize = headers.get("content-length").and_then(|value| value.parse().ok()).unwrap_or(0);
+    while data.len() < header_end + length {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(count) => data.extend_from_slice(&buffer[..count]),
+        }
+    }
+    let body = String::from_utf8_lossy(&data[header_end..header_end + length]).into_owned();
+    let answer = script.lock().unwrap().pop_front().unwrap_or(Answer::Ok);
+    received.lock().unwrap().push(Received { headers, body, answer });
+    match answer {
+        Answer::Ok => {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+        Answer::ServerError => {
+            let _ = stream.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+        Answer::Hang => thread::sleep(Duration::from_secs(30)),
+    }
+}
+
+/// Computes `sha256=<hex>` of HMAC-SHA256 over `<timestamp>.<body>` with
+/// Python's hmac module, independent of the agent's own code.
+pub fn python_signature(secret: &str, timestamp: &str, body: &str) -> String {
+    let script = "import hmac, hashlib, sys; print('sha256=' + hmac.new(sys.argv[1].encode(), (sys.argv[2] + '.' + sys.argv[3]).encode(), hashlib.sha256).hexdigest())";
+    run("python3", &["-c", script, secret, timestamp, body]).trim().to_string()
+}
+
+/// Writes a webhook secret file with mode 0600 and returns the config section.
+pub fn notifications_section(directory: &Path, webhook: &Webhook, secret: &str) -> String {
+    let path = directory.join("webhook.secret");
+    fs::write(&path, secret).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    format!(
+        "[notifications]\nwebhook_url = \"{}\"\nsecret_file = \"{}\"\ntimeout = \"2s\"\nretry_backoff_min = \"500ms\"\nretry_backoff_max = \"2s\"\n",
+        webhook.url(),
+        path.display()
+    )
 }
