@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine::host::HostMemory;
 use crate::machine::stack::StackMemory;
 
 /// When and on which boot a record was written. Every record carries one.
@@ -90,6 +91,13 @@ pub struct StackMemoryRecord {
     pub memory: StackMemory,
 }
 
+/// The host-patch machine's memory after a transition that changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostMemoryRecord {
+    pub meta: RecordMeta,
+    pub memory: HostMemory,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -101,6 +109,7 @@ pub enum Record {
     Compacted(CompactedRecord),
     MachineState(MachineStateRecord),
     StackMemory(StackMemoryRecord),
+    HostMemory(HostMemoryRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -118,6 +127,7 @@ pub mod tag {
     pub const COMPACTED: u8 = 6;
     pub const MACHINE_STATE: u8 = 7;
     pub const STACK_MEMORY: u8 = 16;
+    pub const HOST_MEMORY: u8 = 48;
 }
 
 /// Error for a payload with a known tag that does not decode.
@@ -147,6 +157,7 @@ impl Record {
             Record::Compacted(_) => tag::COMPACTED,
             Record::MachineState(_) => tag::MACHINE_STATE,
             Record::StackMemory(_) => tag::STACK_MEMORY,
+            Record::HostMemory(_) => tag::HOST_MEMORY,
         }
     }
 
@@ -160,6 +171,7 @@ impl Record {
             Record::Compacted(record) => &record.meta,
             Record::MachineState(record) => &record.meta,
             Record::StackMemory(record) => &record.meta,
+            Record::HostMemory(record) => &record.meta,
         }
     }
 
@@ -174,6 +186,7 @@ impl Record {
             Record::Compacted(record) => postcard::to_stdvec(record),
             Record::MachineState(record) => postcard::to_stdvec(record),
             Record::StackMemory(record) => postcard::to_stdvec(record),
+            Record::HostMemory(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -193,6 +206,7 @@ impl Record {
             tag::COMPACTED => Record::Compacted(parse(tag, payload)?),
             tag::MACHINE_STATE => Record::MachineState(parse(tag, payload)?),
             tag::STACK_MEMORY => Record::StackMemory(parse(tag, payload)?),
+            tag::HOST_MEMORY => Record::HostMemory(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))
@@ -222,6 +236,22 @@ mod tests {
         let framed = super::super::frame::OVERHEAD + record.encode_payload().len();
 
         assert!(framed < 64, "a framed transition takes {framed} bytes");
+    }
+
+    #[test]
+    fn host_memory_round_trips_under_its_tag() {
+        let memory = crate::machine::host::HostMemory {
+            attempts_started: 3,
+            needs_attention: Some("kernel not activated".into()),
+            kernels_not_activated: vec!["6.6.62+rpt-rpi-v8".into()],
+            ..Default::default()
+        };
+        let record = Record::HostMemory(HostMemoryRecord { meta: RecordMeta::default(), memory });
+
+        let decoded = Record::decode(tag::HOST_MEMORY, &record.encode_payload()).unwrap();
+
+        assert_eq!(record.tag(), 48);
+        assert_eq!(decoded, Decoded::Known(record));
     }
 
     #[test]

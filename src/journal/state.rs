@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::journal::record::{
-    CompactedRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
+    CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
     Record, RecordMeta, StackMemoryRecord, TransitionRecord,
 };
+use crate::machine::host::HostMemory;
 use crate::machine::stack::StackMemory;
 
 /// Lease epochs remembered as aborted or confirmed. Older ones cannot matter:
@@ -46,6 +47,7 @@ pub enum History {
 pub struct JournalState {
     pub machines: BTreeMap<u8, MachineView>,
     pub stack_memory: Option<StackMemory>,
+    pub host_memory: Option<HostMemory>,
     /// The lease with the highest epoch.
     pub lease: Option<LeaseRecord>,
     pub aborted_epochs: BTreeSet<u64>,
@@ -66,6 +68,7 @@ impl JournalState {
         JournalState {
             machines: BTreeMap::new(),
             stack_memory: None,
+            host_memory: None,
             lease: None,
             aborted_epochs: BTreeSet::new(),
             confirmed_epochs: BTreeSet::new(),
@@ -132,6 +135,7 @@ impl JournalState {
                 view.last_change.get_or_insert(state.meta);
             }
             Record::StackMemory(memory) => self.stack_memory = Some(memory.memory.clone()),
+            Record::HostMemory(memory) => self.host_memory = Some(memory.memory.clone()),
         }
     }
 
@@ -153,6 +157,9 @@ impl JournalState {
         }
         if let Some(memory) = &self.stack_memory {
             records.push(Record::StackMemory(StackMemoryRecord { meta, memory: memory.clone() }));
+        }
+        if let Some(memory) = &self.host_memory {
+            records.push(Record::HostMemory(HostMemoryRecord { meta, memory: memory.clone() }));
         }
 
         let first_kept = self.transitions.len() - kept;
