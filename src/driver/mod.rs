@@ -6,4 +6,5 @@ pub mod docker;
 pub mod git;
 pub mod health;
 pub mod process;
+pub mod ssh;
 pub mod stack;
