@@ -7,9 +7,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use eventpi_autoupdate::config::{Config, LogFormat};
+use eventpi_autoupdate::config::{Config, HostPatchConfig, LogFormat};
 use eventpi_autoupdate::journal::Journal;
 use eventpi_autoupdate::machine::{MachineKind, TABLES};
+use eventpi_autoupdate::driver::host::HostDriver;
+use eventpi_autoupdate::machine::host::{HostOutcome, HostState};
+use eventpi_autoupdate::seams::Seams;
 use eventpi_autoupdate::{agent, diagram, report};
 
 /// Keeps a headless Raspberry Pi up to date: its Compose stack from a git
@@ -43,6 +46,24 @@ enum Command {
     /// synced after every record, so the interrupted step runs again at the
     /// next start.
     Run {
+        /// Configuration file (TOML).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+
+    /// Patches the Docker host once over SSH and exits.
+    ///
+    /// Resumes the attempt that the journal shows in progress, or starts a
+    /// new one: preflight checks, apt-get update, apt-get full-upgrade as a
+    /// job detached on the host, a reboot when the host asks for one (at most
+    /// host.max_reboots), and a check of the new boot and kernel. Needs the
+    /// [journal] and [host] sections. It takes the journal's lease, so an
+    /// agent running on the same journal stops acting; stop the agent first.
+    ///
+    /// Exit status: 0 when the host is patched, 75 when another process held
+    /// the dpkg lock for all of host.dpkg_lock_wait, 1 when the attempt failed
+    /// (the reason is printed and kept in the journal).
+    HostPatch {
         /// Configuration file (TOML).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
@@ -109,6 +130,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(agent::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::HostPatch { config } => {
+            let config = HostPatchConfig::load(&config)?;
+            init_logging(cli.log_format, Some(config.agent.log_format), &config.agent.log_level);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(host_patch(config))
+        }
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: valid", file.display());
@@ -146,6 +177,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", diagram::to_dot(table));
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Exit status for a host whose dpkg lock stayed held (EX_TEMPFAIL).
+const EXIT_BUSY: u8 = 75;
+
+async fn host_patch(config: HostPatchConfig) -> anyhow::Result<ExitCode> {
+    let seams = Seams::system(config.seams.boot_id_file.clone());
+    let journal = agent::open_journal(&config.journal)?;
+    let holder = eventpi_autoupdate::identity::holder_name();
+    let epoch = journal.lock().expect("the journal lock is not shared yet").take_lease(&holder, seams.meta())?;
+    tracing::info!(holder, epoch, journal = %config.journal.directory.display(), "took the journal lease for a host patch");
+
+    let mut driver = HostDriver::new(journal, seams, config.host);
+    let state = tokio::select! {
+        result = driver.run_cycle() => result?,
+        () = shutdown_signal() => {
+            anyhow::bail!("stopped by a signal in state {}; the next run resumes the attempt", driver.state().name());
+        }
+    };
+
+    let outcome = driver.memory().last_outcome.clone();
+    let summary = outcome.as_ref().map_or_else(|| format!("ended in state {}", state.name()), HostOutcome::describe);
+    match (state, outcome) {
+        (HostState::Done, _) => {
+            println!("host-patch: {summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        (_, Some(HostOutcome::Busy { .. })) => {
+            eprintln!("host-patch: {summary}");
+            Ok(ExitCode::from(EXIT_BUSY))
+        }
+        _ => {
+            eprintln!("host-patch: {summary}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }
