@@ -14,8 +14,9 @@
 #       /etc/eventpi-test/boot_kernel the running one (in
 #       /etc/eventpi-test/kernel_release), creates missing sshd host keys and
 #       runs sshd in the foreground.
-#   /usr/local/sbin/eventpi-test-reboot  stops the entry point one second
-#       later; the container's restart policy starts it again.
+#   /usr/local/sbin/eventpi-test-reboot  appends a line to
+#       /etc/eventpi-test/reboots and stops the entry point one second later;
+#       the container's restart policy starts it again.
 #   apt reads only file:/srv/repo (a flat repository the tests mount there).
 set -euo pipefail
 
@@ -54,6 +55,7 @@ INIT
 # Simulated reboot: PID 1 (sshd) gets SIGTERM one second from now, so this
 # command still returns its exit status over SSH. Docker's restart policy
 # then starts the container again.
+date +%s >>/etc/eventpi-test/reboots
 setsid -f sh -c 'sleep 1; kill -TERM 1' </dev/null >/dev/null 2>&1
 echo "reboot scheduled"
 REBOOT
@@ -107,6 +109,8 @@ if [ ! -s "$tarball" ]; then
     bookworm "$work/rootfs.tar" "$mirror"
   mv "$work/rootfs.tar" "$tarball.partial"
   mv "$tarball.partial" "$tarball"
+  # Tarballs of earlier versions of this script are not used any more.
+  find "$cache_dir" -maxdepth 1 -name 'host-test-rootfs-bookworm-*.tar' ! -name "${tarball##*/}" -delete
 fi
 
 if docker image inspect "$image" >/dev/null 2>&1; then

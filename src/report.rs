@@ -104,6 +104,9 @@ pub fn status_text(journal: &Journal) -> String {
         if kind == MachineKind::Stack {
             write_stack_details(&mut text, state, view.state);
         }
+        if kind == MachineKind::HostPatch {
+            write_host_details(&mut text, state);
+        }
         if let Some(error) = &view.last_error {
             let _ = writeln!(text, "  last error ({}): {}", format_when(&error.meta), error.message);
         }
@@ -152,6 +155,26 @@ fn write_stack_details(text: &mut String, state: &JournalState, code: Option<u8>
     }
     if let Some(rejection) = &memory.rejected {
         let _ = writeln!(text, "  rejected commit {}: {}", rejection.commit.short(), rejection.reason.trim_start_matches(&format!("commit {}: ", rejection.commit.short())));
+    }
+    if let Some(reason) = &memory.needs_attention {
+        let _ = writeln!(text, "  NEEDS ATTENTION: {reason}");
+    }
+}
+
+fn write_host_details(text: &mut String, state: &JournalState) {
+    let Some(memory) = &state.host_memory else { return };
+    if let Some(attempt) = &memory.attempt {
+        let _ = write!(text, "  attempt {} in progress, {} reboot(s) so far", attempt.number, attempt.reboots);
+        if let Some(job) = &attempt.job {
+            let _ = write!(text, ", job {}", job.id);
+        }
+        text.push('\n');
+    }
+    if let Some(outcome) = &memory.last_outcome {
+        let _ = writeln!(text, "  last outcome: {}", outcome.describe());
+    }
+    if !memory.kernels_not_activated.is_empty() {
+        let _ = writeln!(text, "  kernels that a reboot did not activate: {}", memory.kernels_not_activated.join(", "));
     }
     if let Some(reason) = &memory.needs_attention {
         let _ = writeln!(text, "  NEEDS ATTENTION: {reason}");

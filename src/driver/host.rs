@@ -207,6 +207,9 @@ impl HostDriver {
 
     /// Runs a script once on the current session, connecting first if needed.
     async fn run_once(&mut self, label: &str, script: &str, timeout: Duration) -> Result<RemoteOutput, SshError> {
+        if self.session.as_ref().is_some_and(SshSession::is_closed) {
+            tracing::warn!(machine = MACHINE, command = label, "the SSH connection dropped; reconnecting");
+        }
         if self.session.as_ref().is_none_or(SshSession::is_closed) {
             self.connect().await?;
         }

@@ -1,0 +1,290 @@
+//! `autoupdate host-patch` against a real Debian host in a container: a real
+//! sshd with its own host key, real apt and dpkg, and a package repository
+//! built by the test. See `tests/support/host.rs` for the host.
+
+mod support;
+
+#[path = "support/host.rs"]
+mod host;
+
+use std::time::Duration;
+
+use eventpi_autoupdate::machine::host::{HOST_TABLE, HostState};
+use host::{FIRST_KERNEL, Package, TestHost, Transition, wait_for};
+
+/// Exit status of `autoupdate host-patch` when the dpkg lock stayed held.
+const EXIT_BUSY: i32 = 75;
+
+const NEW_KERNEL: &str = "6.6.62+rpt-rpi-v8";
+
+fn states(transitions: &[Transition]) -> Vec<String> {
+    transitions.iter().map(|transition| transition.to.clone()).collect()
+}
+
+/// A host with `hello` 1.0 installed and `hello` 2.0 published.
+fn host_with_update() -> TestHost {
+    let host = TestHost::start();
+    host.publish(&Package::new("hello", "1.0"));
+    host.install(&["hello"]);
+    host.publish(&Package::new("hello", "2.0"));
+    host
+}
+
+/// A host whose next upgrade installs a new kernel through the
+/// `linux-image-rpi-v8` meta package, the way Raspberry Pi OS ships kernels.
+fn host_with_kernel_update(activates: bool) -> TestHost {
+    let host = TestHost::start();
+    host.publish(&Package::new("linux-image-rpi-v8", "1"));
+    host.install(&["linux-image-rpi-v8"]);
+    host.publish(&Package::kernel(NEW_KERNEL, activates));
+    host.publish(&Package::new("linux-image-rpi-v8", "2").depends(&format!("linux-image-{NEW_KERNEL}")));
+    host
+}
+
+/// A package whose postinst, while `/etc/slow-block` exists, announces
+/// itself in `/run/slow-started` and waits up to 120 s for
+/// `/run/slow-release`, so a test can act while dpkg runs.
+fn slow_package(version: &str) -> Package {
+    Package::new("slow", version).postinst(
+        "if [ \"$1\" = configure ] && [ -e /etc/slow-block ]; then\n  touch /run/slow-started\n  for i in $(seq 1 600); do [ -e /run/slow-release ] && break; sleep 0.2; done\nfi\n",
+    )
+}
+
+/// A host with `slow` 1.0 installed and `slow` 2.0 published, whose upgrade
+/// waits for the test.
+fn host_with_slow_update() -> TestHost {
+    let host = TestHost::start();
+    host.publish(&slow_package("1.0"));
+    host.install(&["slow"]);
+    host.publish(&slow_package("2.0"));
+    host.exec("touch /etc/slow-block");
+    host
+}
+
+#[test]
+fn newer_package_is_upgraded_without_reboot() {
+    let host = host_with_update();
+    let config = host.config("");
+    let boot = host.boot_id();
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(0), "log:\n{}", run.log);
+    assert!(run.stdout.contains("patched, no reboot needed"), "{}", run.stdout);
+    assert_eq!(host.version("hello").as_deref(), Some("2.0"));
+    assert_eq!(host.boot_id(), boot);
+    assert_eq!(host.reboots(), 0);
+    let transitions = host.transitions();
+    assert_eq!(states(&transitions), ["Connecting", "Preflight", "UpdatingLists", "Upgrading", "RebootPending", "Done"]);
+    eprintln!("upgrade without reboot took {:?}", run.took);
+}
+
+#[test]
+fn required_reboot_is_verified() {
+    let host = host_with_kernel_update(true);
+    let config = host.config("");
+    let boot = host.boot_id();
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(0), "log:\n{}", run.log);
+    assert!(run.stdout.contains("patched with 1 reboot"), "{}", run.stdout);
+    assert_ne!(host.boot_id(), boot);
+    assert_eq!(host.running_kernel(), NEW_KERNEL);
+    assert_eq!(host.reboots(), 1);
+    let transitions = host.transitions();
+    assert_eq!(
+        states(&transitions),
+        ["Connecting", "Preflight", "UpdatingLists", "Upgrading", "RebootPending", "Rebooting", "VerifyingBoot", "RebootPending", "Done"]
+    );
+    eprintln!("upgrade with reboot took {:?}", run.took);
+}
+
+#[test]
+fn held_dpkg_lock_reports_busy() {
+    let host = host_with_update();
+    let config = host.config("dpkg_lock_wait = \"4s\"");
+    host.exec_detached(
+        r#"perl -MFcntl -e 'open(my $f, ">>", "/var/lib/dpkg/lock-frontend") or die; my $l = pack("s s x4 q q i x4", F_WRLCK, 0, 0, 0, 0); fcntl($f, F_SETLK, $l) or die; open(my $p, ">", "/run/holder.pid"); print $p "$$\n"; close $p; sleep 600'"#,
+    );
+    wait_for("the lock holder", Duration::from_secs(10), || host.check("test -s /run/holder.pid"));
+    let holder = host.exec("cat /run/holder.pid").trim().to_string();
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(EXIT_BUSY), "log:\n{}", run.log);
+    assert!(run.log.contains("busy"), "log:\n{}", run.log);
+    assert!(run.log.contains(&format!("held by pid {holder} (perl)")), "log:\n{}", run.log);
+    assert!(run.took >= Duration::from_secs(4), "waited only {:?}", run.took);
+    assert!(host.check(&format!("kill -0 {holder}")), "the lock holder {holder} is gone");
+    assert_eq!(host.version("hello").as_deref(), Some("1.0"));
+    assert!(host.jobs().is_empty(), "jobs started: {:?}", host.jobs());
+    assert!(host.status().contains("busy"), "{}", host.status());
+}
+
+#[test]
+fn interrupted_dpkg_is_repaired() {
+    let host = TestHost::start();
+    host.publish(&Package::new("blocker", "1.0"));
+    host.install(&["blocker"]);
+    let blocking = "if [ \"$1\" = upgrade ] && [ -e /etc/blocker-block ]; then\n  mkfifo /run/blocker.fifo\n  cat /run/blocker.fifo >/dev/null\nfi\n";
+    host.publish(&Package::new("blocker", "2.0").preinst(blocking));
+    host.exec("touch /etc/blocker-block");
+    host.exec_detached("dpkg -i /srv/repo/blocker_2.0_all.deb >/run/dpkg.log 2>&1");
+    wait_for("the blocking preinst", Duration::from_secs(20), || host.check("test -p /run/blocker.fifo"));
+    host.exec("kill -9 $(pidof dpkg) && rm /etc/blocker-block && echo released >/run/blocker.fifo");
+    assert!(!host.exec("dpkg --audit").trim().is_empty(), "dpkg --audit finds nothing after the kill");
+    let config = host.config("");
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(0), "log:\n{}", run.log);
+    assert_eq!(host.version("blocker").as_deref(), Some("2.0"));
+    assert_eq!(host.exec("dpkg --audit").trim(), "");
+    let transitions = host.transitions();
+    let repairs = transitions.iter().filter(|transition| transition.event == "RepairNeeded").count();
+    assert!(repairs >= 1, "{transitions:?}");
+    assert_eq!(host.jobs().iter().filter(|job| job.contains("-repair-")).count(), 1, "{:?}", host.jobs());
+}
+
+#[test]
+fn cut_connection_does_not_stop_upgrade() {
+    let host = host_with_slow_update();
+    let config = host.config("");
+    let (child, log_path) = host.spawn_patch(&config, &[]);
+
+    wait_for("the upgrade's postinst", Duration::from_secs(120), || host.check("test -e /run/slow-started"));
+    host.cut_connections();
+    std::thread::sleep(Duration::from_secs(3));
+    host.exec("touch /run/slow-release");
+    let (status, stdout) = host::wait_with_timeout(child, host::RUN_TIMEOUT, &log_path);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(stdout.contains("patched"), "{stdout}");
+    assert!(log.contains("reconnecting"), "log:\n{log}");
+    assert_eq!(host.version("slow").as_deref(), Some("2.0"));
+    assert_eq!(host.jobs().iter().filter(|job| job.contains("-upgrade-")).count(), 1, "{:?}", host.jobs());
+}
+
+#[test]
+fn killed_agent_reattaches_to_its_job() {
+    let host = host_with_slow_update();
+    let config = host.config("");
+    let (mut child, _) = host.spawn_patch(&config, &[]);
+
+    wait_for("the upgrade's postinst", Duration::from_secs(120), || host.check("test -e /run/slow-started"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let jobs_after_kill = host.jobs();
+    assert!(host.check("pidof dpkg"), "dpkg stopped with the agent");
+    let rerun = std::thread::scope(|scope| {
+        let rerun = scope.spawn(|| host.patch(&config, &[]));
+        std::thread::sleep(Duration::from_secs(3));
+        host.exec("touch /run/slow-release");
+        rerun.join().unwrap()
+    });
+
+    assert_eq!(rerun.code(), Some(0), "log:\n{}", rerun.log);
+    assert!(rerun.log.contains("resuming the attempt"), "log:\n{}", rerun.log);
+    assert_eq!(host.version("slow").as_deref(), Some("2.0"));
+    assert_eq!(host.jobs(), jobs_after_kill);
+    assert_eq!(host.jobs().iter().filter(|job| job.contains("-upgrade-")).count(), 1, "{:?}", host.jobs());
+    let transitions = host.transitions();
+    assert_eq!(transitions.iter().filter(|transition| transition.event == "Resumed").count(), 1, "{transitions:?}");
+}
+
+#[test]
+fn changed_host_key_is_rejected() {
+    let host = host_with_update();
+    let config = host.config("");
+    let pinned = host.host_key();
+    host.regenerate_host_keys();
+    assert_ne!(host.host_key(), pinned);
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(1), "log:\n{}", run.log);
+    assert!(run.log.contains("which is not the pinned key"), "log:\n{}", run.log);
+    assert!(run.log.contains("nothing was run"), "log:\n{}", run.log);
+    assert!(!run.log.contains("AAAA"), "a key appears in the log:\n{}", run.log);
+    assert_eq!(host.version("hello").as_deref(), Some("1.0"));
+    assert!(host.jobs().is_empty(), "jobs started: {:?}", host.jobs());
+    assert!(!host.docker_logs().contains("Accepted publickey"), "sshd accepted a login:\n{}", host.docker_logs());
+    let status = host.status();
+    assert!(status.contains("NEEDS ATTENTION: host key rejected"), "{status}");
+}
+
+#[test]
+fn old_kernel_is_not_rebooted_twice() {
+    let host = host_with_kernel_update(false);
+    let config = host.config("");
+
+    let first = host.patch(&config, &[]);
+    let boot_after_first = host.boot_id();
+    let second = host.patch(&config, &[]);
+
+    assert_eq!(first.code(), Some(1), "log:\n{}", first.log);
+    assert!(first.log.contains("kernel not activated"), "log:\n{}", first.log);
+    assert_eq!(host.running_kernel(), FIRST_KERNEL);
+    assert_eq!(second.code(), Some(1), "log:\n{}", second.log);
+    assert!(second.log.contains("did not activate kernel"), "log:\n{}", second.log);
+    assert_eq!(host.boot_id(), boot_after_first);
+    assert_eq!(host.reboots(), 1);
+    assert!(host.status().contains("NEEDS ATTENTION"), "{}", host.status());
+}
+
+/// States whose failpoints a run with a reboot reaches. `Idle` is only ever
+/// a start state and `Failed` is not entered on this path, so their cases
+/// check that the armed failpoint changes nothing.
+fn reached_with_reboot(state: &str) -> bool {
+    !matches!(state, "Idle" | "Failed")
+}
+
+#[test]
+fn failpoint_in_each_state_recovers() {
+    if !eventpi_autoupdate::failpoint::ENABLED {
+        eprintln!("skipped: build with --features failpoints to run the failpoint cases");
+        return;
+    }
+    let cases: Vec<(String, &str)> = HOST_TABLE
+        .states
+        .iter()
+        .flat_map(|state| ["after-persist", "before-command"].map(|point| (state.name.to_string(), point)))
+        .collect();
+    assert_eq!(cases.len(), 2 * HostState::ALL.len());
+
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let chunks: Vec<Vec<(String, &str)>> = cases.chunks(cases.len().div_ceil(3)).map(<[_]>::to_vec).collect();
+        let workers: Vec<_> = chunks.into_iter().map(|chunk| scope.spawn(move || chunk.iter().filter_map(|(state, point)| failpoint_case(state, point).err()).collect::<Vec<_>>())).collect();
+        workers.into_iter().flat_map(|worker| worker.join().unwrap()).collect()
+    });
+
+    assert!(failures.is_empty(), "{} failpoint case(s) failed:\n{}", failures.len(), failures.join("\n\n"));
+}
+
+/// Kills the agent at `host-patch:{state}:{point}` during an upgrade that
+/// needs a reboot, runs it again, and checks that the host ends patched with
+/// exactly one reboot.
+fn failpoint_case(state: &str, point: &str) -> Result<(), String> {
+    let host = host_with_kernel_update(true);
+    let config = host.config("");
+    let armed = format!("host-patch:{state}:{point}");
+
+    let first = host.patch(&config, &[("AUTOUPDATE_FAILPOINT", &armed)]);
+    let killed = first.was_killed();
+    let expected_kill = reached_with_reboot(state) && !(state == "Done" && point == "before-command");
+    if killed != expected_kill {
+        return Err(format!("{armed}: killed = {killed}, expected {expected_kill}; exit {:?}\n{}", first.status, first.log));
+    }
+
+    let second = if killed { host.patch(&config, &[]) } else { first };
+    let kernel = host.running_kernel();
+    let reboots = host.reboots();
+    let ok = second.code() == Some(0) && kernel == NEW_KERNEL && reboots == 1 && host.version(&format!("linux-image-{NEW_KERNEL}")).is_some();
+    if !ok {
+        return Err(format!("{armed}: exit {:?}, kernel {kernel}, {reboots} reboot(s)\n{}", second.status, second.log));
+    }
+    eprintln!("{armed}: recovered, one reboot");
+    Ok(())
+}
