@@ -287,7 +287,7 @@ pub struct HostConfig {
     /// reporting the host busy. The holder is never killed.
     #[serde(default = "default_dpkg_lock_wait", deserialize_with = "duration")]
     pub dpkg_lock_wait: Duration,
-    /// Reboots allowed in one attempt; 0 never reboots.
+    /// Reboots allowed in one attempt. With 0 the host is never rebooted.
     #[serde(default = "default_max_reboots")]
     pub max_reboots: u32,
     /// Agent restarts allowed in one attempt before it takes the failure path.
@@ -463,7 +463,7 @@ impl Config {
     }
 }
 
-/// Which optional sections a command needs.
+/// Optional sections that a command needs.
 #[derive(Debug, Clone, Copy)]
 struct Needs {
     stack: bool,

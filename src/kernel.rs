@@ -46,11 +46,11 @@ pub fn compare(left: &str, right: &str) -> Ordering {
 /// Returns the newest release in `installed` that has the flavour of
 /// `running`, or `None` when no installed release has that flavour.
 pub fn newest_of_flavour<'a>(running: &str, installed: &'a [String]) -> Option<&'a str> {
-    let wanted = flavour(running);
+    let running_flavour = flavour(running);
     installed
         .iter()
         .map(|release| release.trim())
-        .filter(|release| !release.is_empty() && flavour(release) == wanted)
+        .filter(|release| !release.is_empty() && flavour(release) == running_flavour)
         .max_by(|left, right| compare(left, right))
 }
 

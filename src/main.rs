@@ -55,7 +55,7 @@ enum Command {
     ///
     /// Resumes the attempt that the journal shows in progress, or starts a
     /// new one: preflight checks, apt-get update, apt-get full-upgrade as a
-    /// job detached on the host, a reboot when the host asks for one (at most
+    /// job detached on the host, a reboot when the host needs one (at most
     /// host.max_reboots), and a check of the new boot and kernel. Needs the
     /// [journal] and [host] sections. It takes the journal's lease, so an
     /// agent running on the same journal stops acting; stop the agent first.
@@ -195,7 +195,7 @@ async fn host_patch(config: HostPatchConfig) -> anyhow::Result<ExitCode> {
     let state = tokio::select! {
         result = driver.run_cycle() => result?,
         () = shutdown_signal() => {
-            anyhow::bail!("stopped by a signal in state {}; the next run resumes the attempt", driver.state().name());
+            anyhow::bail!("stopped by a signal in state {}. The next run resumes the attempt", driver.state().name());
         }
     };
 

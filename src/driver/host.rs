@@ -2,7 +2,7 @@
 //! journal, and only then runs the commands the step queued, over SSH.
 //!
 //! Scripts that only read, and the idempotent job start, are repeated after a
-//! dropped connection until a deadline; the reboot command is sent once.
+//! dropped connection until a deadline. The reboot command is sent once.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use crate::journal::record::{HostMemoryRecord, MachineErrorRecord, TransitionRec
 use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
 use crate::machine::host::{
-    BootReport, HostCommand, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostSettings, HostState, JobKind,
+    BootReport, HostCommand, Interruption, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostSettings, HostState, JobKind,
     JobReport, JobStatus, RebootCheck, Step,
 };
 use crate::model::Failure;
@@ -73,7 +73,7 @@ impl HostDriver {
 
     /// Runs one patch attempt to its end: the attempt in progress after a
     /// restart, or a new one. Returns the state the machine rests in
-    /// (`Done` or `Failed`). Dropping the future stops the attempt; the step
+    /// (`Done` or `Failed`). Dropping the future stops the attempt. The step
     /// in progress is already persisted and is repeated by the next call.
     pub async fn run_cycle(&mut self) -> Result<HostState, HostDriverError> {
         if self.machine.is_resting() {
@@ -96,7 +96,7 @@ impl HostDriver {
             // A busy state with no command: its action could not queue one
             // because the memory lacks what it needs. Resuming takes the
             // state's own recovery path, which ends in Failed at the limit.
-            tracing::error!(machine = MACHINE, state = self.machine.state().name(), "no command queued in a busy state; resuming it");
+            tracing::error!(machine = MACHINE, state = self.machine.state().name(), "no command queued in a busy state, resuming it");
             self.feed(HostEvents::Resumed)?;
         }
 
@@ -151,10 +151,8 @@ impl HostDriver {
         if let Some(message) = &step.failure {
             tracing::error!(machine = MACHINE, state = step.from.name(), attempt = step.attempt, error = %message, "host patch failed");
         }
-        if step.to == HostState::Done {
-            if let Some(outcome) = &self.machine.memory().last_outcome {
-                tracing::info!(machine = MACHINE, attempt = step.attempt, outcome = %outcome.describe(), "host patch finished");
-            }
+        if let (HostState::Done, Some(outcome)) = (step.to, &self.machine.memory().last_outcome) {
+            tracing::info!(machine = MACHINE, attempt = step.attempt, outcome = %outcome.describe(), "host patch finished");
         }
     }
 
@@ -198,7 +196,7 @@ impl HostDriver {
     async fn connect_checked(&mut self) -> HostEvents {
         match self.connect().await {
             Ok(()) => {
-                tracing::info!(machine = MACHINE, address = %self.config.address, port = self.config.port, "connected to the host; its key matches the pinned one");
+                tracing::info!(machine = MACHINE, address = %self.config.address, port = self.config.port, "connected to the host, whose key matches the pinned one");
                 HostEvents::Connected
             }
             Err(error) => event_for(error),
@@ -208,7 +206,7 @@ impl HostDriver {
     /// Runs a script once on the current session, connecting first if needed.
     async fn run_once(&mut self, label: &str, script: &str, timeout: Duration) -> Result<RemoteOutput, SshError> {
         if self.session.as_ref().is_some_and(SshSession::is_closed) {
-            tracing::warn!(machine = MACHINE, command = label, "the SSH connection dropped; reconnecting");
+            tracing::warn!(machine = MACHINE, command = label, "the SSH connection dropped, reconnecting");
         }
         if self.session.as_ref().is_none_or(SshSession::is_closed) {
             self.connect().await?;
@@ -237,8 +235,8 @@ impl HostDriver {
             }
 
             failures += 1;
-            if failures == 1 || failures % 12 == 0 {
-                tracing::warn!(machine = MACHINE, command = label, failures, %error, "host unreachable; reconnecting");
+            if failures == 1 || failures.is_multiple_of(12) {
+                tracing::warn!(machine = MACHINE, command = label, failures, %error, "host unreachable, reconnecting");
             }
             tokio::time::sleep(self.config.job_poll_interval).await;
         }
@@ -266,7 +264,7 @@ impl HostDriver {
                 return HostEvents::CommandFailed(failure);
             }
             if report.lock_probe_missing && !reported_holder {
-                tracing::warn!(machine = MACHINE, "lslocks is missing on the host; apt waits for a held dpkg lock itself (host.dpkg_lock_wait)");
+                tracing::warn!(machine = MACHINE, "lslocks is missing on the host, so apt waits for a held dpkg lock itself (host.dpkg_lock_wait)");
                 reported_holder = true;
             }
             if let Some(holder) = report.lock_holders.first() {
@@ -285,7 +283,7 @@ impl HostDriver {
             if report.interrupted() {
                 let interruption = report.interruption();
                 tracing::warn!(machine = MACHINE, problem = %interruption, "dpkg needs a repair before the upgrade");
-                return HostEvents::RepairNeeded(interruption);
+                return HostEvents::RepairNeeded(Interruption { description: interruption });
             }
             return HostEvents::PreflightPassed;
         }
@@ -295,7 +293,7 @@ impl HostDriver {
         let too_little = |free_kib: u64, minimum_mib: u64| free_kib / 1024 < minimum_mib;
         if let Some(space) = report.free.iter().find(|space| too_little(space.free_kib, self.config.min_free_mib)) {
             return Some(Failure::local(format!(
-                "only {} MiB free on {} of the host; host.min_free_mib asks for {} MiB. Free space there (apt-get clean, old logs) and run again",
+                "only {} MiB free on {} of the host, but host.min_free_mib requires {} MiB. Free space there (apt-get clean, old logs) and run again",
                 space.free_kib / 1024,
                 space.path,
                 self.config.min_free_mib
@@ -306,7 +304,7 @@ impl HostDriver {
         }
         let boot = report.boot_free.as_ref().filter(|space| too_little(space.free_kib, self.config.min_free_boot_mib))?;
         Some(Failure::local(format!(
-            "only {} MiB free on {} of the host; host.min_free_boot_mib asks for {} MiB. Remove old kernels there and run again",
+            "only {} MiB free on {} of the host, but host.min_free_boot_mib requires {} MiB. Remove old kernels there and run again",
             boot.free_kib / 1024,
             boot.path,
             self.config.min_free_boot_mib
@@ -323,7 +321,7 @@ impl HostDriver {
 
     /// Starts the job unless the host has it already, then reads its status
     /// every `job_poll_interval` until it ends. A dropped connection does not
-    /// stop the job; the driver reconnects until the job's timeout.
+    /// stop the job, and the driver reconnects until the job's timeout.
     async fn run_job(&mut self, job: &HostJob) -> HostEvents {
         let timeout = self.job_timeout(job.kind);
         let local_deadline = Instant::now() + timeout;
@@ -410,7 +408,7 @@ impl HostDriver {
             Err(event) => return event,
         };
         if facts.boot_id != boot_before {
-            tracing::info!(machine = MACHINE, boot_id = %facts.boot_id, "the host already runs a new boot; not rebooting again");
+            tracing::info!(machine = MACHINE, boot_id = %facts.boot_id, "the host already runs a new boot, so it is not rebooted again");
             return HostEvents::RebootIssued;
         }
 
@@ -426,13 +424,13 @@ impl HostDriver {
                 crate::driver::process::last_lines(&output.stderr, 4)
             ))),
             // The host going down may cut the connection before the command
-            // reports; the boot id check that follows tells what happened.
+            // reports. The boot id check that follows shows what happened.
             Err(SshError::Disconnected { .. } | SshError::CommandTimedOut { .. }) => HostEvents::RebootIssued,
             Err(error) => event_for(error),
         }
     }
 
-    /// Waits until the host answers with a boot id other than `boot_before`,
+    /// Waits until the host reports a boot id other than `boot_before`,
     /// up to `boot_timeout`, and reads its kernels.
     async fn await_boot(&mut self, boot_before: &str) -> HostEvents {
         let deadline = Instant::now() + self.config.boot_timeout;

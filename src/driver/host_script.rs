@@ -8,7 +8,7 @@
 //!
 //! A job runs detached from the SSH session: through `systemd-run` as a
 //! transient unit named after the job where systemd runs, and through
-//! `setsid` otherwise. Its directory on the host holds the command, the
+//! `setsid` otherwise. Its directory on the host contains the command, the
 //! output, the runner's pid and, once it ended, its exit status. The runner
 //! claims the job with `mkdir`, so a job started twice still runs once.
 
@@ -21,7 +21,8 @@ use crate::machine::host::{HostJob, JobKind, KernelReport};
 /// error lines, small enough for every poll.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
-/// Ends the here-documents that carry job files; no job text contains it.
+/// Delimiter of the here-documents that carry job files. No job text
+/// contains it.
 const HEREDOC_END: &str = "EVENTPI_AUTOUPDATE_END_OF_FILE";
 
 /// Paths of dpkg's and apt's locks. dpkg and apt take them with `fcntl`, so
@@ -227,17 +228,17 @@ pub struct FreeSpace {
     pub free_kib: u64,
 }
 
-/// What the preflight script found.
+/// Findings of the preflight script.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PreflightReport {
     pub free: Vec<FreeSpace>,
     /// Free space on a separate boot filesystem.
     pub boot_free: Option<FreeSpace>,
     pub lock_holders: Vec<LockHolder>,
-    /// `lslocks` is missing, so lock holders are unknown; apt then waits for
+    /// `lslocks` is missing, so lock holders are unknown. apt then waits for
     /// the lock itself.
     pub lock_probe_missing: bool,
-    /// `/var/lib/dpkg/updates` holds files of an unfinished dpkg run.
+    /// `/var/lib/dpkg/updates` contains files of an unfinished dpkg run.
     pub pending_updates: bool,
     /// Lines of `dpkg --audit`: packages left half installed or configured.
     pub audit: Vec<String>,
@@ -294,7 +295,7 @@ pub fn parse_preflight(output: &str) -> PreflightReport {
 }
 
 /// Returns the script that reads the boot id, the running and installed
-/// kernels, and whether the host asks for a reboot. The three seam commands
+/// kernels, and whether the host needs a reboot. The three seam commands
 /// come from the configuration.
 pub fn host_facts(boot_id_command: &str, kernel_release_command: &str, installed_kernels_command: &str) -> String {
     format!(
@@ -313,12 +314,12 @@ fi
     )
 }
 
-/// What the host-facts script found.
+/// Findings of the host-facts script.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HostFactsReport {
     pub boot_id: String,
     pub kernels: KernelReport,
-    /// Reasons for a reboot; empty when none is needed.
+    /// Reasons for a reboot, empty when none is needed.
     pub reboot_reasons: Vec<String>,
 }
 
@@ -334,8 +335,8 @@ pub fn parse_host_facts(output: &str) -> Result<HostFactsReport, String> {
             "installed" if !value.trim().is_empty() => report.kernels.installed.push(value.trim().to_string()),
             "reboot" => report.reboot_reasons.push(value.to_string()),
             "reboot_package" => packages.push(value.trim().to_string()),
-            // needrestart's kernel status: 2 is an ABI-compatible upgrade, 3 a
-            // version upgrade; both take a reboot to activate.
+            // needrestart's kernel status: 2 is an ABI-compatible upgrade and 3
+            // a version upgrade. Both take a reboot to activate.
             "needrestart_ksta" if matches!(value.trim(), "2" | "3") => {
                 report.reboot_reasons.push("needrestart reports a pending kernel upgrade".to_string());
             }

@@ -15,11 +15,12 @@ use russh::keys::ssh_key::public::KeyData;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Disconnect};
 
-/// Output kept from each stream of a command; the end explains a failure.
+/// Output kept from each stream of a command. The end of it explains a failure.
 const KEPT_OUTPUT_BYTES: usize = 64 * 1024;
 
-/// Time between keepalive requests; three unanswered ones close the
-/// connection, so a host that vanished mid-command is noticed in about 45 s.
+/// Time between keepalive requests. russh closes the connection after three
+/// unanswered ones, so a host that vanished mid-command is noticed after
+/// roughly 45 to 60 s (estimated from these settings, not measured).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// The host key the configuration pins.
@@ -82,7 +83,7 @@ fn is_key_type(field: &str) -> bool {
     field.starts_with("ssh-") || field.starts_with("ecdsa-sha2-") || field.starts_with("sk-")
 }
 
-/// Where and how to connect.
+/// Address, user, key and pinned host key of one SSH server.
 #[derive(Debug, Clone)]
 pub struct SshSettings {
     pub address: String,
@@ -133,7 +134,7 @@ pub enum SshError {
     #[error("the SSH connection to {endpoint} dropped: {reason}")]
     Disconnected { endpoint: String, reason: String },
 
-    /// The command ran longer than its timeout; its channel was closed.
+    /// The command ran longer than its timeout, so its channel was closed.
     #[error("command `{label}` on {endpoint} timed out after {}", humantime::format_duration(*timeout))]
     CommandTimedOut { endpoint: String, label: String, timeout: Duration },
 }
@@ -146,7 +147,7 @@ impl SshError {
     }
 }
 
-/// What a finished command printed and how it exited.
+/// Output and exit status of a finished command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteOutput {
     /// The exit status, or `None` when the command was killed by a signal.
@@ -315,7 +316,7 @@ impl SshSession {
         })
     }
 
-    /// Closes the connection politely; errors do not matter at that point.
+    /// Closes the connection. Errors are ignored because nothing follows.
     pub async fn close(self) {
         let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
     }

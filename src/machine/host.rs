@@ -1,11 +1,11 @@
 //! The host-patch machine: connect to the Docker host over SSH, check that
-//! dpkg can run, refresh the package lists, upgrade, reboot when the host asks
-//! for it, and check that the host came back on the new boot and kernel.
+//! dpkg can run, refresh the package lists, upgrade, reboot when the host needs
+//! it, and check that the host came back on the new boot and kernel.
 //!
 //! The machine is pure. Its memory ([`HostMemory`]) is persisted in the journal
 //! with every transition, and the commands it queues ([`HostCommand`]) run
 //! only after that record is synced. The long steps run as jobs detached on
-//! the host; the memory keeps the job's id so that a restarted agent attaches
+//! the host, and the memory keeps the job's id so that a restarted agent attaches
 //! to the same job instead of starting a second one.
 //!
 //! Reboots are bounded twice: at most `max_reboots` per attempt, counted when
@@ -62,8 +62,8 @@ crate::define_machine! {
         Connecting + Resumed / give_up_after_restarts = Failed,
 
         Preflight + PreflightPassed / start_update_lists = UpdatingLists,
-        Preflight + RepairNeeded(String) [can_repair] / start_repair = Preflight,
-        Preflight + RepairNeeded(String) / upgrade_after_repair = UpdatingLists,
+        Preflight + RepairNeeded(Interruption) [can_repair] / start_repair = Preflight,
+        Preflight + RepairNeeded(Interruption) / upgrade_after_repair = UpdatingLists,
         Preflight + JobFinished(JobReport) [job_succeeded] / recheck_after_repair = Preflight,
         Preflight + JobFinished(JobReport) / fail_job = Failed,
         Preflight + DpkgBusy(Failure) / report_busy = Failed,
@@ -90,7 +90,7 @@ crate::define_machine! {
         Upgrading + Resumed / give_up_after_restarts = Failed,
 
         RebootPending + RebootRequired(RebootCheck) [may_reboot] / start_reboot = Rebooting,
-        RebootPending + RebootRequired(RebootCheck) / refuse_reboot = Failed,
+        RebootPending + RebootRequired(RebootCheck) / reject_reboot = Failed,
         RebootPending + RebootNotRequired / finish = Done,
         RebootPending + Unreachable(Failure) / fail_attempt = Failed,
         RebootPending + HostKeyRejected(Failure) / reject_host_key = Failed,
@@ -121,7 +121,7 @@ crate::define_machine! {
     }
 }
 
-/// What a job on the host does.
+/// Kind of job run on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobKind {
     /// `dpkg --configure -a` after an interrupted dpkg run.
@@ -146,12 +146,12 @@ impl JobKind {
 /// agent finds it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostJob {
-    /// Unique on the host; also the name of its systemd unit and directory.
+    /// Unique on the host. It also names the job's systemd unit and directory.
     pub id: String,
     pub kind: JobKind,
 }
 
-/// How a job on the host ended.
+/// End state of a job on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobStatus {
     Succeeded,
@@ -192,6 +192,13 @@ impl JobReport {
     }
 }
 
+/// Why dpkg needs a repair, as the preflight check found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interruption {
+    /// For example "dpkg --audit lists blocker".
+    pub description: String,
+}
+
 /// The running kernel and the kernels installed on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct KernelReport {
@@ -215,18 +222,18 @@ impl KernelReport {
     }
 }
 
-/// What the host reported when asked whether it needs a reboot.
+/// Result of the reboot check: boot id, kernels and reasons.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebootCheck {
     /// The boot id before the reboot.
     pub boot_id: String,
     pub kernels: KernelReport,
-    /// Why a reboot is needed, for example the packages listed in
+    /// Reasons for the reboot, for example the packages listed in
     /// `/run/reboot-required.pkgs`.
     pub reasons: Vec<String>,
 }
 
-/// What the host reported after it came back.
+/// Boot id and kernels that the host reported after the reboot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootReport {
     pub boot_id: String,
@@ -252,14 +259,14 @@ pub struct HostAttempt {
     pub expected_kernel: Option<String>,
 }
 
-/// How the last attempt ended.
+/// Result of the last attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostOutcome {
     /// Packages are up to date and the host runs its newest kernel.
     Patched { reboots: u32 },
     /// Another process held the dpkg lock for the whole wait.
     Busy { reason: String },
-    /// The host offered a key other than the pinned one; nothing was run.
+    /// The host offered a key other than the pinned one, so nothing was run.
     HostKeyRejected { reason: String },
     /// The host rebooted but still runs its old kernel.
     KernelNotActivated { running: String, expected: String },
@@ -285,17 +292,17 @@ impl HostOutcome {
 /// newer kernel of their flavour is installed.
 const REMEMBERED_KERNELS: usize = 8;
 
-/// What the host-patch machine keeps between transitions; persisted in the
+/// Memory of the host-patch machine between transitions, persisted in the
 /// journal.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct HostMemory {
     pub attempts_started: u32,
     pub attempt: Option<HostAttempt>,
-    /// Set when the machine stopped and a person has to look; cleared when an
-    /// attempt ends in `Done`.
+    /// Reason a person has to look at the host. An attempt that ends in
+    /// `Done` clears it.
     pub needs_attention: Option<String>,
     pub last_outcome: Option<HostOutcome>,
-    /// Kernel releases that a reboot did not activate; the machine never
+    /// Kernel releases that a reboot did not activate. The machine never
     /// reboots for them again.
     pub kernels_not_activated: Vec<String>,
 }
@@ -313,7 +320,7 @@ pub enum HostCommand {
     CheckReboot,
     /// Reboot the host, unless its boot id already differs from `boot_before`.
     Reboot { boot_before: String },
-    /// Wait until the host answers with a boot id other than `boot_before`.
+    /// Wait until the host reports a boot id other than `boot_before`.
     AwaitBoot { boot_before: String },
 }
 
@@ -322,7 +329,7 @@ pub enum HostCommand {
 pub struct HostSettings {
     /// Agent restarts allowed in one attempt before it takes the failure path.
     pub max_resumes: u32,
-    /// Reboots allowed in one attempt; 0 never reboots.
+    /// Reboots allowed in one attempt. With 0 the machine never reboots.
     pub max_reboots: u32,
 }
 
@@ -348,7 +355,7 @@ pub struct HostContext {
     pub commands: Vec<HostCommand>,
 }
 
-/// Result type smlang expects from an action; `Err` leaves the state as it was.
+/// Result type smlang expects from an action. `Err` leaves the state as it was.
 type ActionResult = Result<(), ()>;
 
 impl HostContext {
@@ -394,7 +401,7 @@ impl HostStateMachineContext for HostContext {
         Ok(self.attempt().is_some_and(|attempt| attempt.resumes < self.settings.max_resumes))
     }
 
-    fn can_repair(&self, _audit: &String) -> Result<bool, ()> {
+    fn can_repair(&self, _interruption: &Interruption) -> Result<bool, ()> {
         Ok(self.attempt().is_some_and(|attempt| !attempt.repaired))
     }
 
@@ -444,7 +451,7 @@ impl HostStateMachineContext for HostContext {
         self.queue_new_job(JobKind::UpdateLists)
     }
 
-    fn start_repair(&mut self, _audit: String) -> ActionResult {
+    fn start_repair(&mut self, _interruption: Interruption) -> ActionResult {
         self.attempt_mut()?.repaired = true;
         self.queue_new_job(JobKind::Repair)
     }
@@ -452,7 +459,7 @@ impl HostStateMachineContext for HostContext {
     /// Goes on after one repair even though dpkg still lists packages: a
     /// package left half-installed by an interrupted unpack stays so until apt
     /// installs it again, which the upgrade does.
-    fn upgrade_after_repair(&mut self, _audit: String) -> ActionResult {
+    fn upgrade_after_repair(&mut self, _interruption: Interruption) -> ActionResult {
         self.queue_new_job(JobKind::UpdateLists)
     }
 
@@ -503,7 +510,7 @@ impl HostStateMachineContext for HostContext {
         Ok(())
     }
 
-    fn refuse_reboot(&mut self, check: RebootCheck) -> ActionResult {
+    fn reject_reboot(&mut self, check: RebootCheck) -> ActionResult {
         let reboots = self.attempt().map_or(0, |attempt| attempt.reboots);
         let newest = check.kernels.newest().map(str::to_string);
         let known_bad = newest.as_ref().filter(|newest| self.memory.kernels_not_activated.contains(newest));
@@ -592,7 +599,8 @@ impl HostStateMachineContext for HostContext {
     }
 
     /// Ends the attempt after a job failed. A failed upgrade or repair leaves
-    /// dpkg in a state a person should look at; a failed list update does not.
+    /// dpkg in a state a person should look at, but a failed list update does
+    /// not.
     fn fail_job(&mut self, report: JobReport) -> ActionResult {
         let needs_attention = report.job.kind != JobKind::UpdateLists;
         self.fail(report.describe(), needs_attention);
@@ -614,7 +622,7 @@ pub struct Step {
     pub to: HostState,
     /// Commands to run once the transition is persisted.
     pub commands: Vec<HostCommand>,
-    /// Why the attempt failed, when this step entered `Failed`; the driver
+    /// Reason the attempt failed, when this step entered `Failed`. The driver
     /// records it as the machine's last error.
     pub failure: Option<String>,
     /// Whether the machine's memory changed and must be persisted.
@@ -936,10 +944,10 @@ mod tests {
         feed(&mut machine, HostEvents::Start);
         feed(&mut machine, HostEvents::Connected);
 
-        let repair = feed(&mut machine, HostEvents::RepairNeeded("blocker half-installed".into()));
+        let repair = feed(&mut machine, HostEvents::RepairNeeded(Interruption { description: "blocker half-installed".into() }));
         let repaired = finished(&machine, JobStatus::Succeeded);
         let recheck = feed(&mut machine, repaired);
-        let again = feed(&mut machine, HostEvents::RepairNeeded("blocker half-installed".into()));
+        let again = feed(&mut machine, HostEvents::RepairNeeded(Interruption { description: "blocker half-installed".into() }));
 
         assert_eq!(repair.to, HostState::Preflight);
         assert!(matches!(&repair.commands[..], [HostCommand::RunJob { job }] if job.kind == JobKind::Repair));
@@ -952,7 +960,7 @@ mod tests {
         let mut machine = fresh();
         feed(&mut machine, HostEvents::Start);
         feed(&mut machine, HostEvents::Connected);
-        feed(&mut machine, HostEvents::RepairNeeded("dpkg interrupted".into()));
+        feed(&mut machine, HostEvents::RepairNeeded(Interruption { description: "dpkg interrupted".into() }));
 
         let failed = finished(&machine, JobStatus::Failed { exit_code: 1 });
         let step = feed(&mut machine, failed);
