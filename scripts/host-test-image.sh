@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Docker image that the host-patch tests run as their "host": a
-# Debian bookworm root filesystem made by mmdebstrap with openssh-server, apt
-# and dpkg, plus two helpers that simulate a boot and a reboot.
+# Debian bookworm root filesystem made by mmdebstrap with openssh-server, sudo,
+# apt and dpkg, plus two helpers that simulate a boot and a reboot.
 #
 # The root filesystem tarball is cached in $EVENTPI_CACHE_DIR (default
 # /var/cache/eventpi-autoupdate), keyed by a hash of this script, so it is
@@ -103,7 +103,7 @@ if [ ! -s "$tarball" ]; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   log "building $tarball from $mirror (a few minutes)"
-  mmdebstrap --quiet --variant=minbase --include=openssh-server \
+  mmdebstrap --quiet --variant=minbase --include=openssh-server,sudo \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
     --customize-hook="\"$script_path\" --write-helpers \"\$1\"" \
     bookworm "$work/rootfs.tar" "$mirror"
@@ -122,4 +122,8 @@ docker import \
   --change 'LABEL eventpi.test=1' \
   --change 'CMD ["/usr/local/sbin/eventpi-test-init"]' \
   "$tarball" "$image" >/dev/null
+
+# Images of earlier versions of this script are not used any more. An image
+# that a container still uses stays, because rmi without -f refuses it.
+docker images --format '{{.Repository}}:{{.Tag}}' eventpi-test/host | grep -v -x -F "$image" | xargs -r docker rmi >/dev/null 2>&1 || true
 echo "$image"

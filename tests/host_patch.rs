@@ -293,3 +293,123 @@ fn failpoint_case(state: &str, point: &str) -> Result<(), String> {
     eprintln!("{armed}: killed {killed}, ended with exit {expected_code} after one reboot");
     Ok(())
 }
+
+#[test]
+fn sudo_user_patches_host() {
+    let host = host_with_update();
+    host.exec(
+        "useradd -m -p '*' -s /bin/sh patcher && mkdir -p /home/patcher/.ssh && cp /root/.ssh/authorized_keys /home/patcher/.ssh/ \
+         && chown -R patcher /home/patcher/.ssh && echo 'patcher ALL=(ALL) NOPASSWD: ALL' >/etc/sudoers.d/patcher",
+    );
+    let config = host.config("user = \"patcher\"\nuse_sudo = true");
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(0), "log:\n{}", run.log);
+    assert_eq!(host.version("hello").as_deref(), Some("2.0"));
+    assert_eq!(host.exec("stat -c %U /var/lib/eventpi-autoupdate/jobs").trim(), "root");
+}
+
+#[test]
+fn upgrade_timeout_leaves_dpkg_running() {
+    let host = host_with_slow_update();
+    let config = host.config("upgrade_timeout = \"4s\"");
+
+    let run = host.patch(&config, &[]);
+    let dpkg_running = host.check("pidof dpkg");
+    let status = host.status();
+    host.exec("touch /run/slow-release");
+    wait_for("dpkg to finish", Duration::from_secs(60), || !host.check("pidof dpkg"));
+    let second = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(1), "log:\n{}", run.log);
+    assert!(run.log.contains("it was left running"), "log:\n{}", run.log);
+    assert!(dpkg_running, "dpkg was stopped at the timeout");
+    assert!(status.contains("NEEDS ATTENTION"), "{status}");
+    assert_eq!(second.code(), Some(0), "log:\n{}", second.log);
+    assert_eq!(host.version("slow").as_deref(), Some("2.0"));
+}
+
+#[test]
+fn unauthorized_key_is_reported() {
+    let host = host_with_update();
+    let config = host.config("");
+    host.exec("rm /root/.ssh/authorized_keys");
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(1), "log:\n{}", run.log);
+    assert!(run.log.contains("rejected the SSH key"), "log:\n{}", run.log);
+    assert!(run.log.contains("authorized_keys"), "log:\n{}", run.log);
+    assert_eq!(host.version("hello").as_deref(), Some("1.0"));
+    assert!(host.status().contains("NEEDS ATTENTION"), "{}", host.status());
+}
+
+#[test]
+fn missing_key_file_is_reported() {
+    let host = TestHost::start();
+    let config = host.config("key_file = \"/nonexistent/eventpi/id_ed25519\"");
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(1), "log:\n{}", run.log);
+    assert!(run.log.contains("cannot load the SSH key /nonexistent/eventpi/id_ed25519 (host.key_file)"), "log:\n{}", run.log);
+    assert!(host.jobs().is_empty(), "jobs started: {:?}", host.jobs());
+}
+
+#[test]
+fn closed_port_fails_without_attention() {
+    let host = TestHost::start();
+    let port = support::free_port();
+    let config = host.config(&format!("port = {port}"));
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(1), "log:\n{}", run.log);
+    assert!(run.log.contains(&format!("cannot connect to 127.0.0.1:{port} over SSH")), "log:\n{}", run.log);
+    assert!(run.took < Duration::from_secs(30), "took {:?}", run.took);
+    let status = host.status();
+    assert!(status.contains("last outcome: failed"), "{status}");
+    assert!(!status.contains("NEEDS ATTENTION"), "{status}");
+}
+
+#[test]
+fn low_free_space_stops_before_apt() {
+    let host = host_with_update();
+    let config = host.config("min_free_mib = 100000000");
+
+    let run = host.patch(&config, &[]);
+
+    assert_eq!(run.code(), Some(1), "log:\n{}", run.log);
+    assert!(run.log.contains("MiB free on / of the host"), "log:\n{}", run.log);
+    assert!(host.jobs().is_empty(), "jobs started: {:?}", host.jobs());
+    assert_eq!(host.version("hello").as_deref(), Some("1.0"));
+}
+
+#[test]
+fn invalid_host_section_lists_problems() {
+    let directory = tempfile::tempdir().unwrap();
+    let journal = directory.path().join("journal");
+    let unknown_key = format!("[journal]\ndirectory = \"{}\"\n\n[host]\naddress = \"127.0.0.1\"\nkey_file = \"/k\"\nhost_key = \"SHA256:short\"\nmax_reboot = 2\n", journal.display());
+    let bad_values = unknown_key.replace("max_reboot = 2\n", "").replace("/k", "relative/key");
+
+    let first = host_patch_errors(directory.path(), &unknown_key);
+    let second = host_patch_errors(directory.path(), &bad_values);
+
+    assert!(first.contains("line 8: host.max_reboot: unknown key"), "{first}");
+    assert!(second.contains("line 6: host.key_file: relative/key must be an absolute path"), "{second}");
+    assert!(second.contains("line 7: host.host_key: \"SHA256:short\" is not a SHA256 fingerprint"), "{second}");
+    assert!(!journal.exists(), "a journal was created for an invalid configuration");
+}
+
+/// Runs `autoupdate host-patch` with a configuration that must be rejected
+/// and returns its standard error.
+fn host_patch_errors(directory: &std::path::Path, text: &str) -> String {
+    let config = directory.join("autoupdate.toml");
+    std::fs::write(&config, text).unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_autoupdate")).args(["host-patch", "--config"]).arg(&config).output().unwrap();
+
+    assert_eq!(output.status.code(), Some(1));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
