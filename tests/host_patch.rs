@@ -21,7 +21,7 @@ fn states(transitions: &[Transition]) -> Vec<String> {
     transitions.iter().map(|transition| transition.to.clone()).collect()
 }
 
-/// A host with `hello` 1.0 installed and `hello` 2.0 published.
+/// Starts a host with `hello` 1.0 installed and `hello` 2.0 published.
 fn host_with_update() -> TestHost {
     let host = TestHost::start();
     host.publish(&Package::new("hello", "1.0"));
@@ -30,7 +30,7 @@ fn host_with_update() -> TestHost {
     host
 }
 
-/// A host whose next upgrade installs a new kernel through the
+/// Starts a host whose next upgrade installs a new kernel through the
 /// `linux-image-rpi-v8` meta package, the way Raspberry Pi OS ships kernels.
 fn host_with_kernel_update(activates: bool) -> TestHost {
     let host = TestHost::start();
@@ -41,7 +41,7 @@ fn host_with_kernel_update(activates: bool) -> TestHost {
     host
 }
 
-/// A package whose postinst, while `/etc/slow-block` exists, announces
+/// Builds a package whose postinst, while `/etc/slow-block` exists, announces
 /// itself in `/run/slow-started` and waits up to 120 s for
 /// `/run/slow-release`, so a test can act while dpkg runs.
 fn slow_package(version: &str) -> Package {
@@ -50,8 +50,8 @@ fn slow_package(version: &str) -> Package {
     )
 }
 
-/// A host with `slow` 1.0 installed and `slow` 2.0 published, whose upgrade
-/// waits for the test.
+/// Starts a host with `slow` 1.0 installed and `slow` 2.0 published, whose
+/// upgrade waits for the test.
 fn host_with_slow_update() -> TestHost {
     let host = TestHost::start();
     host.publish(&slow_package("1.0"));
@@ -260,11 +260,13 @@ fn failpoint_in_each_state_recovers() {
     assert!(failures.is_empty(), "{} failpoint case(s) failed:\n{}", failures.len(), failures.join("\n\n"));
 }
 
-/// Kills the agent at `host-patch:{state}:{point}` and runs it again. For
-/// `Failed`, the upgrade installs a kernel that the reboot does not activate,
-/// so the attempt fails; for every other state it installs one that it does.
-/// Either way the host ends where a run without the kill ends, with exactly
-/// one reboot. `Idle` is only a start state, so its failpoints never fire.
+/// Kills the agent at `host-patch:{state}:{point}` and runs it again.
+///
+/// For `Failed`, the upgrade installs a kernel that the reboot does not
+/// activate, so the attempt fails. For every other state it installs one that
+/// the reboot activates. Either way the host ends where a run without the kill
+/// ends, with exactly one reboot. `Idle` is only a start state, so its
+/// failpoints never fire.
 fn failpoint_case(state: &str, point: &str) -> Result<(), String> {
     let fails = state == "Failed";
     let host = host_with_kernel_update(!fails);

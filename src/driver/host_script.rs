@@ -69,6 +69,9 @@ pub fn job_directory(root: &str, job: &HostJob) -> String {
 /// Returns a script that starts the job unless it was started before. It
 /// prints `launcher=systemd-run`, `launcher=setsid` or `launcher=none` (the
 /// job had been claimed already).
+///
+/// NOTE: the tests run the `setsid` branch only, because their host runs no
+/// systemd. The `systemd-run` branch is checked for shell syntax alone.
 pub fn start_job(root: &str, job: &HostJob, command: &str) -> String {
     let directory = shell_quote(&job_directory(root, job));
     let unit = shell_quote(&format!("{}.service", job.id));
@@ -452,6 +455,20 @@ mod tests {
         let error = parse_host_facts("boot_id=\nkernel=6.1.0-28-arm64\n").unwrap_err();
 
         assert!(error.contains("host.boot_id_command"));
+    }
+
+    #[test]
+    fn scripts_pass_shell_syntax_check() {
+        let scripts = [
+            start_job("/var/lib/eventpi-autoupdate/jobs", &job(), &job_command(JobKind::Upgrade, Duration::from_secs(60))),
+            job_status("/var/lib/eventpi-autoupdate/jobs", &job()),
+            preflight(),
+            host_facts("cat /proc/sys/kernel/random/boot_id", "uname -r", "ls -1 /lib/modules"),
+        ];
+        for script in scripts {
+            let output = std::process::Command::new("sh").args(["-n", "-c", &script]).output().unwrap();
+            assert!(output.status.success(), "{}\n{script}", String::from_utf8_lossy(&output.stderr));
+        }
     }
 
     #[test]

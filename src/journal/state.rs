@@ -186,3 +186,22 @@ fn remember(epochs: &mut BTreeSet<u64>, epoch: u64) {
         epochs.pop_first();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_keeps_host_memory() {
+        let memory = HostMemory { attempts_started: 2, kernels_not_activated: vec!["6.6.62+rpt-rpi-v8".into()], ..HostMemory::default() };
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&Record::HostMemory(HostMemoryRecord { meta: RecordMeta::default(), memory: memory.clone() }));
+
+        let mut rebuilt = JournalState::new(History::Recent);
+        for record in state.snapshot(RecordMeta::default(), KEPT_TRANSITIONS) {
+            rebuilt.apply(&record);
+        }
+
+        assert_eq!(rebuilt.host_memory, Some(memory));
+    }
+}

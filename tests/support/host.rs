@@ -1,6 +1,6 @@
 //! A throwaway Debian host for the host-patch tests: a container of the image
-//! that `scripts/host-test-image.sh` builds, running a real sshd with its own
-//! host key, and real apt and dpkg reading a flat package repository that the
+//! that `scripts/host-test-image.sh` builds. It runs a real sshd with its own
+//! host key, and real apt and dpkg read a flat package repository that the
 //! test builds with `dpkg-deb` and `dpkg-scanpackages` in a temporary
 //! directory mounted at `/srv/repo`.
 //!
@@ -88,7 +88,7 @@ impl Package {
     }
 
     /// A kernel package in the style of Raspberry Pi OS: its modules
-    /// directory, and a postinst that asks for a reboot. With `activates`, the
+    /// directory, and a postinst that requests a reboot. With `activates`, the
     /// postinst also tells the simulated boot loader to start it next.
     pub fn kernel(release: &str, activates: bool) -> Package {
         let mut postinst = format!(
@@ -184,7 +184,7 @@ impl TestHost {
         self.directory.path().join("id_ed25519")
     }
 
-    /// Waits until sshd answers with its version line on the published port.
+    /// Waits until sshd sends its version line on the published port.
     pub fn wait_for_sshd(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -211,7 +211,7 @@ impl TestHost {
         run("docker", &["exec", &self.name, "sh", "-c", script])
     }
 
-    /// Runs a shell script in the container and tells whether it succeeded.
+    /// Runs a shell script in the container and returns whether it succeeded.
     pub fn check(&self, script: &str) -> bool {
         Command::new("docker").args(["exec", &self.name, "sh", "-c", script]).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().success()
     }
