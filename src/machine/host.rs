@@ -99,9 +99,9 @@ crate::define_machine! {
         RebootPending + Resumed / give_up_after_restarts = Failed,
 
         Rebooting + RebootIssued / await_boot = VerifyingBoot,
-        Rebooting + Unreachable(Failure) / fail_attempt = Failed,
+        Rebooting + Unreachable(Failure) / fail_around_reboot = Failed,
         Rebooting + HostKeyRejected(Failure) / reject_host_key = Failed,
-        Rebooting + CommandFailed(Failure) / fail_attempt = Failed,
+        Rebooting + CommandFailed(Failure) / fail_around_reboot = Failed,
         Rebooting + Resumed [can_resume] / repeat_reboot = Rebooting,
         Rebooting + Resumed / give_up_after_restarts = Failed,
 
@@ -583,6 +583,13 @@ impl HostStateMachineContext for HostContext {
         Ok(())
     }
 
+    /// Ends the attempt when the reboot step fails. The host may be down or
+    /// half way through a reboot, so a person should look whatever the cause.
+    fn fail_around_reboot(&mut self, failure: Failure) -> ActionResult {
+        self.fail(format!("while rebooting: {}", failure.message), true);
+        Ok(())
+    }
+
     fn fail_after_reboot(&mut self, failure: Failure) -> ActionResult {
         self.fail(format!("after the reboot: {}", failure.message), true);
         Ok(())
@@ -1005,6 +1012,18 @@ mod tests {
         feed(&mut machine, HostEvents::RebootNotRequired);
 
         assert_eq!(machine.memory().needs_attention, None);
+    }
+
+    #[test]
+    fn unreachable_during_reboot_needs_attention() {
+        let mut machine = fresh();
+        upgrade(&mut machine);
+        feed(&mut machine, reboot_check(OLD, &[OLD, NEW]));
+
+        let step = feed(&mut machine, HostEvents::Unreachable(Failure::transient("connection refused")));
+
+        assert_eq!(step.to, HostState::Failed);
+        assert!(machine.memory().needs_attention.as_deref().is_some_and(|text| text.contains("while rebooting")));
     }
 
     #[test]
