@@ -27,6 +27,10 @@ use crate::seams::Seams;
 /// Name of the machine in logs and failpoints.
 const MACHINE: &str = "host-patch";
 
+/// Time after which a job that no runner claimed is launched again. The
+/// runner's `mkdir` claim keeps a second launch from running it twice.
+const RELAUNCH_AFTER: Duration = Duration::from_secs(10);
+
 /// Errors that stop the host-patch driver.
 #[derive(Debug, thiserror::Error)]
 pub enum HostDriverError {
@@ -328,6 +332,7 @@ impl HostDriver {
         let root = self.config.job_directory.clone();
         let status_script = host_script::job_status(&root, job);
         let mut last_line = String::new();
+        let mut started_at = None;
         tracing::info!(machine = MACHINE, job = %job.id, kind = job.kind.name(), timeout = %humantime::format_duration(timeout), "running job on the host");
 
         loop {
@@ -342,8 +347,15 @@ impl HostDriver {
 
             let status = match report.state {
                 JobState::Absent | JobState::Unclaimed => {
-                    if let Err(event) = self.start_job(job, local_deadline).await {
-                        return event;
+                    // A runner needs a moment to claim its job. A job left
+                    // unclaimed longer was never launched, for example because
+                    // the agent stopped between writing and launching it.
+                    let launch = started_at.is_none_or(|at: Instant| at.elapsed() >= RELAUNCH_AFTER);
+                    if launch {
+                        if let Err(event) = self.start_job(job, local_deadline).await {
+                            return event;
+                        }
+                        started_at = Some(Instant::now());
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;

@@ -112,14 +112,18 @@ pub fn job_status(root: &str, job: &HostJob) -> String {
 if [ ! -d "$dir" ]; then echo state=absent; exit 0; fi
 echo "now=$(date +%s)"
 if [ -f "$dir/started" ]; then echo "started=$(cat "$dir/started")"; fi
+# The runner is looked for before the exit file: it writes that file before
+# it ends, so a runner gone by then has always left its exit status.
+alive=no
+if [ -f "$dir/pid" ] && tr '\0' ' ' <"/proc/$(cat "$dir/pid")/cmdline" 2>/dev/null | grep -q -F "$dir/run"; then
+  alive=yes
+fi
 if [ -f "$dir/exit" ]; then
   echo state=finished
   echo "exit=$(cat "$dir/exit")"
 elif [ ! -d "$dir/claimed" ]; then
   echo state=unclaimed
-elif [ ! -f "$dir/pid" ]; then
-  echo state=running
-elif tr '\0' ' ' <"/proc/$(cat "$dir/pid")/cmdline" 2>/dev/null | grep -q -F "$dir/run"; then
+elif [ ! -f "$dir/pid" ] || [ "$alive" = yes ]; then
   echo state=running
 else
   echo state=lost
