@@ -74,6 +74,7 @@ fn newer_package_is_upgraded_without_reboot() {
     assert_eq!(host.version("hello").as_deref(), Some("2.0"));
     assert_eq!(host.boot_id(), boot);
     assert_eq!(host.reboots(), 0);
+    assert!(host.docker_logs().contains("Accepted publickey for root"), "sshd log:\n{}", host.docker_logs());
     let transitions = host.transitions();
     assert_eq!(states(&transitions), ["Connecting", "Preflight", "UpdatingLists", "Upgrading", "RebootPending", "Done"]);
     eprintln!("upgrade without reboot took {:?}", run.took);

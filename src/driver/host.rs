@@ -57,7 +57,7 @@ impl HostDriver {
             let code = journal.state().machine(MachineKind::HostPatch.code()).and_then(|view| view.state);
             let state = code.and_then(HostState::from_code).unwrap_or_else(|| {
                 if let Some(code) = code {
-                    tracing::warn!(machine = MACHINE, code, "the journal holds a state this version does not know; starting from Idle");
+                    tracing::warn!(machine = MACHINE, code, "the journal contains an unknown state from a newer version, starting from Idle");
                 }
                 HostState::Idle
             });

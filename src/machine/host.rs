@@ -192,7 +192,7 @@ impl JobReport {
     }
 }
 
-/// Why dpkg needs a repair, as the preflight check found it.
+/// Reason dpkg needs a repair, as the preflight check found it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interruption {
     /// For example "dpkg --audit lists blocker".
