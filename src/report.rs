@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::journal::record::RecordMeta;
 use crate::journal::{Journal, JournalState};
+use crate::machine::host::HostOutcome;
 use crate::machine::stack::{Outcome, StackState};
 use crate::machine::{MachineKind, describe_event, describe_machine, describe_state};
 use crate::model::Release;
@@ -170,8 +171,9 @@ fn write_host_details(text: &mut String, state: &JournalState) {
         }
         text.push('\n');
     }
-    if let Some(outcome) = &memory.last_outcome {
-        let _ = writeln!(text, "  last outcome: {}", outcome.describe());
+    let outcome = memory.last_outcome.as_ref().map(HostOutcome::describe);
+    if let Some(outcome) = outcome.as_ref().filter(|outcome| memory.needs_attention.as_ref() != Some(*outcome)) {
+        let _ = writeln!(text, "  last outcome: {outcome}");
     }
     if !memory.kernels_not_activated.is_empty() {
         let _ = writeln!(text, "  kernels that a reboot did not activate: {}", memory.kernels_not_activated.join(", "));
