@@ -54,9 +54,9 @@ enum Command {
     /// Patches the Docker host once over SSH and exits.
     ///
     /// Resumes the attempt that the journal shows in progress, or starts a
-    /// new one: preflight checks, apt-get update, apt-get full-upgrade as a
-    /// job detached on the host, a reboot when the host needs one (at most
-    /// host.max_reboots), and a check of the new boot and kernel. Needs the
+    /// new one. An attempt runs preflight checks, apt-get update and apt-get
+    /// full-upgrade as jobs detached on the host, reboots when the host needs
+    /// it (at most host.max_reboots times), and checks the new boot and kernel. Needs the
     /// [journal] and [host] sections. It takes the journal's lease, so an
     /// agent running on the same journal stops acting; stop the agent first.
     ///

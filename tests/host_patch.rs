@@ -416,3 +416,18 @@ fn host_patch_errors(directory: &std::path::Path, text: &str) -> String {
     assert_eq!(output.status.code(), Some(1));
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+#[test]
+fn check_config_accepts_host_only_file() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("autoupdate.toml");
+    let text = "[journal]\ndirectory = \"/var/lib/eventpi/journal\"\n\n[host]\naddress = \"127.0.0.1\"\nkey_file = \"/etc/eventpi/host_ed25519\"\n\
+                host_key = \"SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"\n";
+    std::fs::write(&config, text).unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_autoupdate")).arg("check-config").arg(&config).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("valid for host-patch"), "{stdout}");
+}
