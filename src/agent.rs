@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, JournalConfig};
 use crate::control;
 use crate::driver::compose::Compose;
 use crate::driver::docker::Engine;
@@ -45,7 +45,7 @@ pub enum AgentError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let seams = Seams::system(config.seams.boot_id_file.clone());
     let holder = crate::identity::holder_name();
-    let journal = open_journal(&config)?;
+    let journal = open_journal(&config.journal)?;
     let epoch = journal.lock().expect("the journal lock is not shared yet").take_lease(&holder, seams.meta())?;
     tracing::info!(holder, epoch, journal = %config.journal.directory.display(), "agent started and took the lease");
 
@@ -159,9 +159,9 @@ async fn run_machines(config: &Config, runtime: Arc<Runtime>) -> Result<(), Agen
 /// Opens the journal. A file without a valid header is moved aside, never
 /// deleted, and a new journal is started, so a damaged file cannot keep the
 /// device from updating.
-fn open_journal(config: &Config) -> Result<SharedJournal, JournalError> {
-    let options = JournalOptions { file_bytes: config.journal.size_kib * 1024, sync: true, history: History::Recent };
-    let directory = &config.journal.directory;
+pub fn open_journal(config: &JournalConfig) -> Result<SharedJournal, JournalError> {
+    let options = JournalOptions { file_bytes: config.size_kib * 1024, sync: true, history: History::Recent };
+    let directory = &config.directory;
     let journal = match Journal::open(directory, options) {
         Err(error @ (JournalError::NoValidHeader { .. } | JournalError::SizeMismatch { .. })) => {
             let path = directory.join(crate::journal::FILE_NAME);

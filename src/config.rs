@@ -24,6 +24,8 @@ pub struct Config {
     pub notifications: NotificationsConfig,
     pub panel: PanelConfig,
     pub seams: SeamsConfig,
+    /// `[host]`, present when the agent patches its Docker host.
+    pub host: Option<HostConfig>,
 }
 
 /// `[control]`: the local API for the CLI and monitoring.
@@ -75,6 +77,16 @@ impl Default for NotificationsConfig {
             retry_backoff_max: Duration::from_secs(900),
         }
     }
+}
+
+/// The sections that `autoupdate host-patch` needs: `[stack]` may be missing,
+/// `[host]` must be there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostPatchConfig {
+    pub agent: AgentConfig,
+    pub journal: JournalConfig,
+    pub seams: SeamsConfig,
+    pub host: HostConfig,
 }
 
 /// `[agent]`: identity, logging and local working files.
@@ -282,6 +294,141 @@ impl Default for SeamsConfig {
     }
 }
 
+/// `[host]`: how to reach and patch the Docker host over SSH.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct HostConfig {
+    /// Host name or IP address of the host's sshd. From a container, Docker's
+    /// `host-gateway` name (for example `host.docker.internal`) reaches it.
+    pub address: String,
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    #[serde(default = "default_ssh_user")]
+    pub user: String,
+    /// OpenSSH private key file, without a passphrase.
+    pub key_file: PathBuf,
+    /// The host's public key: a `known_hosts` line, a public key line such as
+    /// `ssh-ed25519 AAAA...`, or a `SHA256:` fingerprint as `ssh-keygen -lf`
+    /// prints it. Any other key is rejected.
+    pub host_key: String,
+    /// Runs every command through `sudo -n`, for a user other than root.
+    #[serde(default)]
+    pub use_sudo: bool,
+    #[serde(default = "default_ssh_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Limit for each short command: checks, starting a job, reading its status.
+    #[serde(default = "default_host_command_timeout", deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// How long the agent keeps trying to reconnect when the connection drops
+    /// outside a job.
+    #[serde(default = "default_reconnect_window", deserialize_with = "duration")]
+    pub reconnect_window: Duration,
+    #[serde(default = "default_update_lists_timeout", deserialize_with = "duration")]
+    pub update_lists_timeout: Duration,
+    /// How long the agent waits for the upgrade job. A job past it is left
+    /// running, because killing dpkg mid-unpack breaks the host.
+    #[serde(default = "default_upgrade_timeout", deserialize_with = "duration")]
+    pub upgrade_timeout: Duration,
+    #[serde(default = "default_repair_timeout", deserialize_with = "duration")]
+    pub repair_timeout: Duration,
+    /// How long the host may take to come back after a reboot.
+    #[serde(default = "default_boot_timeout", deserialize_with = "duration")]
+    pub boot_timeout: Duration,
+    /// Time between two reads of a running job's status.
+    #[serde(default = "default_job_poll_interval", deserialize_with = "duration")]
+    pub job_poll_interval: Duration,
+    /// How long to wait for another process to release the dpkg lock before
+    /// reporting the host busy. The holder is never killed.
+    #[serde(default = "default_dpkg_lock_wait", deserialize_with = "duration")]
+    pub dpkg_lock_wait: Duration,
+    /// Reboots allowed in one attempt. With 0 the host is never rebooted.
+    #[serde(default = "default_max_reboots")]
+    pub max_reboots: u32,
+    /// Agent restarts allowed in one attempt before it takes the failure path.
+    #[serde(default = "default_max_resumes")]
+    pub max_resumes: u32,
+    /// Free space needed on `/` and on `/var/cache/apt/archives`, in MiB.
+    #[serde(default = "default_min_free_mib")]
+    pub min_free_mib: u64,
+    /// Free space needed on `/boot/firmware` or `/boot` when it is a separate
+    /// filesystem, in MiB.
+    #[serde(default = "default_min_free_boot_mib")]
+    pub min_free_boot_mib: u64,
+    /// Directory on the host for the jobs' scripts, output and exit status.
+    #[serde(default = "default_job_directory")]
+    pub job_directory: String,
+    /// Shell command on the host that prints the boot id.
+    #[serde(default = "default_boot_id_command")]
+    pub boot_id_command: String,
+    /// Shell command on the host that prints the running kernel's release.
+    #[serde(default = "default_kernel_release_command")]
+    pub kernel_release_command: String,
+    /// Shell command on the host that prints the installed kernels' releases,
+    /// one per line.
+    #[serde(default = "default_installed_kernels_command")]
+    pub installed_kernels_command: String,
+    /// Shell command on the host that reboots it.
+    #[serde(default = "default_reboot_command")]
+    pub reboot_command: String,
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_ssh_user() -> String {
+    "root".into()
+}
+fn default_ssh_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_host_command_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_reconnect_window() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_update_lists_timeout() -> Duration {
+    Duration::from_secs(900)
+}
+fn default_upgrade_timeout() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_repair_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_boot_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_job_poll_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_dpkg_lock_wait() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_reboots() -> u32 {
+    1
+}
+fn default_min_free_mib() -> u64 {
+    500
+}
+fn default_min_free_boot_mib() -> u64 {
+    50
+}
+fn default_job_directory() -> String {
+    "/var/lib/eventpi-autoupdate/jobs".into()
+}
+fn default_boot_id_command() -> String {
+    "cat /proc/sys/kernel/random/boot_id".into()
+}
+fn default_kernel_release_command() -> String {
+    "uname -r".into()
+}
+fn default_installed_kernels_command() -> String {
+    "ls -1 /lib/modules".into()
+}
+fn default_reboot_command() -> String {
+    "systemctl reboot".into()
+}
+
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     struct DurationText;
 
@@ -355,6 +502,53 @@ impl Config {
 
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        let parts = Parts::parse(text, Needs { stack: true, host: false })?;
+        let stack = parts.stack.expect("Parts::parse reports a missing [stack] when it is needed");
+        Ok(Config {
+            agent: parts.agent,
+            journal: parts.journal,
+            docker: parts.docker,
+            stack,
+            control: parts.control,
+            notifications: parts.notifications,
+            panel: parts.panel,
+            seams: parts.seams,
+            host: parts.host,
+        })
+    }
+
+    /// Returns the directory for override files and validation checkouts.
+    pub fn state_directory(&self) -> PathBuf {
+        self.agent.state_directory.clone().unwrap_or_else(|| match self.journal.directory.parent() {
+            Some(parent) => parent.join("state"),
+            None => PathBuf::from("/var/lib/eventpi-autoupdate/state"),
+        })
+    }
+}
+
+/// Optional sections that a command needs.
+#[derive(Debug, Clone, Copy)]
+struct Needs {
+    stack: bool,
+    host: bool,
+}
+
+/// Every section of a configuration file, before a command picks the ones it
+/// uses.
+struct Parts {
+    agent: AgentConfig,
+    journal: JournalConfig,
+    docker: DockerConfig,
+    stack: Option<StackConfig>,
+    control: ControlConfig,
+    notifications: NotificationsConfig,
+    panel: PanelConfig,
+    seams: SeamsConfig,
+    host: Option<HostConfig>,
+}
+
+impl Parts {
+    fn parse(text: &str, needs: Needs) -> Result<Parts, Vec<Problem>> {
         let mut table = match toml::from_str::<toml::Table>(text) {
             Ok(table) => table,
             Err(error) => {
@@ -367,34 +561,30 @@ impl Config {
         let agent = sections.optional::<AgentConfig>(&mut table, "agent");
         let journal = sections.required::<JournalConfig>(&mut table, "journal");
         let docker = sections.optional::<DockerConfig>(&mut table, "docker");
-        let stack = sections.required::<StackConfig>(&mut table, "stack");
+        let stack = sections.present::<StackConfig>(&mut table, "stack", needs.stack);
         let control = sections.optional::<ControlConfig>(&mut table, "control");
         let notifications = sections.optional::<NotificationsConfig>(&mut table, "notifications");
         let panel = sections.optional::<PanelConfig>(&mut table, "panel");
         let seams = sections.optional::<SeamsConfig>(&mut table, "seams");
+        let host = sections.present::<HostConfig>(&mut table, "host", needs.host);
         for unknown in table.keys() {
-            sections.problem(unknown, "unknown section or key; the sections are agent, journal, docker, stack, control, notifications, panel and seams");
+            sections.problem(
+                unknown,
+                "unknown section or key; the sections are agent, journal, docker, stack, control, notifications, panel, seams and host",
+            );
         }
 
         let mut problems = sections.problems;
-        match (agent, journal, docker, stack, control, notifications, panel, seams) {
-            (Some(agent), Some(journal), Some(docker), Some(stack), Some(control), Some(notifications), Some(panel), Some(seams))
+        match (agent, journal, docker, stack, control, notifications, panel, seams, host) {
+            (Some(agent), Some(journal), Some(docker), Some(stack), Some(control), Some(notifications), Some(panel), Some(seams), Some(host))
                 if problems.is_empty() =>
             {
-                let config = Config { agent, journal, docker, stack, control, notifications, panel, seams };
-                problems.extend(config.check(text));
-                if problems.is_empty() { Ok(config) } else { Err(problems) }
+                let parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host };
+                problems.extend(parts.check(text));
+                if problems.is_empty() { Ok(parts) } else { Err(problems) }
             }
             _ => Err(problems),
         }
-    }
-
-    /// Returns the directory for override files and validation checkouts.
-    pub fn state_directory(&self) -> PathBuf {
-        self.agent.state_directory.clone().unwrap_or_else(|| match self.journal.directory.parent() {
-            Some(parent) => parent.join("state"),
-            None => PathBuf::from("/var/lib/eventpi-autoupdate/state"),
-        })
     }
 
     /// Checks values that parse but cannot work.
@@ -404,44 +594,11 @@ impl Config {
             problems.push(Problem { key: key.to_string(), line: line_of_key(text, key), message });
         };
 
-        let stack = &self.stack;
-        if stack.repository.trim().is_empty() {
-            report("stack.repository", "must name a git repository URL".into());
+        if let Some(stack) = &self.stack {
+            check_stack(stack, &mut report);
         }
-        if !valid_branch(&stack.branch) {
-            report("stack.branch", format!("{:?} is not a valid git branch name", stack.branch));
-        }
-        if !stack.checkout.is_absolute() {
-            report("stack.checkout", format!("{} must be an absolute path", stack.checkout.display()));
-        }
-        if stack.compose_files.is_empty() {
-            report("stack.compose_files", "must list at least one compose file".into());
-        }
-        for file in &stack.compose_files {
-            if Path::new(file).is_absolute() || file.split('/').any(|part| part == "..") {
-                report("stack.compose_files", format!("{file:?} must be a path inside the checkout, without \"..\""));
-            }
-        }
-        if !valid_project(&stack.project) {
-            report("stack.project", format!("{:?} is not a valid Compose project name: use lowercase letters, digits, '-' and '_', starting with a letter or digit", stack.project));
-        }
-        for (key, value) in [
-            ("stack.poll_interval", stack.poll_interval),
-            ("stack.git_timeout", stack.git_timeout),
-            ("stack.compose_timeout", stack.compose_timeout),
-            ("stack.pull_timeout", stack.pull_timeout),
-            ("stack.retry_backoff_min", stack.retry_backoff_min),
-            ("stack.factory_reset_timeout", stack.factory_reset_timeout),
-        ] {
-            if value.is_zero() {
-                report(key, "must be longer than zero".into());
-            }
-        }
-        if stack.poll_jitter_percent > 50 {
-            report("stack.poll_jitter_percent", format!("{} is above the maximum of 50", stack.poll_jitter_percent));
-        }
-        if stack.retry_backoff_max < stack.retry_backoff_min {
-            report("stack.retry_backoff_max", "must not be shorter than stack.retry_backoff_min".into());
+        if let Some(host) = &self.host {
+            check_host(host, &mut report);
         }
         if !self.journal.directory.is_absolute() {
             report("journal.directory", format!("{} must be an absolute path", self.journal.directory.display()));
@@ -469,30 +626,141 @@ impl Config {
         if self.control.tcp_port == Some(0) {
             report("control.tcp_port", "must be a port number from 1 to 65535".into());
         }
-        let notifications = &self.notifications;
-        if let Some(url) = &notifications.webhook_url {
-            let parsed = url.parse::<hyper::Uri>();
-            let scheme_ok = parsed.as_ref().is_ok_and(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some());
-            if !scheme_ok {
-                report("notifications.webhook_url", format!("{url:?} is not an http:// or https:// URL with a host"));
-            }
-            if notifications.secret_file.is_none() {
-                report("notifications.secret_file", "is missing: the webhook needs a shared secret for the signature".into());
-            }
-        }
-        if notifications.max_pending == 0 {
-            report("notifications.max_pending", "must be at least 1".into());
-        }
-        if notifications.timeout.is_zero() {
-            report("notifications.timeout", "must be longer than zero".into());
-        }
-        if notifications.retry_backoff_min.is_zero() || notifications.retry_backoff_max < notifications.retry_backoff_min {
-            report("notifications.retry_backoff_max", "must be at least notifications.retry_backoff_min, which must be longer than zero".into());
-        }
+        check_notifications(&self.notifications, &mut report);
         if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));
         }
         problems
+    }
+}
+
+fn check_notifications(notifications: &NotificationsConfig, report: &mut impl FnMut(&str, String)) {
+    if let Some(url) = &notifications.webhook_url {
+        let parsed = url.parse::<hyper::Uri>();
+        let scheme_ok = parsed.as_ref().is_ok_and(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some());
+        if !scheme_ok {
+            report("notifications.webhook_url", format!("{url:?} is not an http:// or https:// URL with a host"));
+        }
+        if notifications.secret_file.is_none() {
+            report("notifications.secret_file", "is missing: the webhook needs a shared secret for the signature".into());
+        }
+    }
+    if notifications.max_pending == 0 {
+        report("notifications.max_pending", "must be at least 1".into());
+    }
+    if notifications.timeout.is_zero() {
+        report("notifications.timeout", "must be longer than zero".into());
+    }
+    if notifications.retry_backoff_min.is_zero() || notifications.retry_backoff_max < notifications.retry_backoff_min {
+        report("notifications.retry_backoff_max", "must be at least notifications.retry_backoff_min, which must be longer than zero".into());
+    }
+}
+
+impl HostPatchConfig {
+    /// Reads and validates the sections of a configuration file that a host
+    /// patch needs. Sections it does not use are still validated.
+    pub fn load(path: &Path) -> Result<HostPatchConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem { key: String::new(), line: None, message: format!("cannot read the file: {error}") }],
+        })?;
+        HostPatchConfig::parse(&text).map_err(|problems| ConfigError { path: path.to_path_buf(), problems })
+    }
+
+    /// Parses and validates configuration text that has a `[host]` section.
+    pub fn parse(text: &str) -> Result<HostPatchConfig, Vec<Problem>> {
+        let parts = Parts::parse(text, Needs { stack: false, host: true })?;
+        let host = parts.host.expect("Parts::parse reports a missing [host] when it is needed");
+        Ok(HostPatchConfig { agent: parts.agent, journal: parts.journal, seams: parts.seams, host })
+    }
+}
+
+fn check_stack(stack: &StackConfig, report: &mut impl FnMut(&str, String)) {
+    if stack.repository.trim().is_empty() {
+        report("stack.repository", "must name a git repository URL".into());
+    }
+    if !valid_branch(&stack.branch) {
+        report("stack.branch", format!("{:?} is not a valid git branch name", stack.branch));
+    }
+    if !stack.checkout.is_absolute() {
+        report("stack.checkout", format!("{} must be an absolute path", stack.checkout.display()));
+    }
+    if stack.compose_files.is_empty() {
+        report("stack.compose_files", "must list at least one compose file".into());
+    }
+    for file in &stack.compose_files {
+        if Path::new(file).is_absolute() || file.split('/').any(|part| part == "..") {
+            report("stack.compose_files", format!("{file:?} must be a path inside the checkout, without \"..\""));
+        }
+    }
+    if !valid_project(&stack.project) {
+        report("stack.project", format!("{:?} is not a valid Compose project name: use lowercase letters, digits, '-' and '_', starting with a letter or digit", stack.project));
+    }
+    for (key, value) in [
+        ("stack.poll_interval", stack.poll_interval),
+        ("stack.git_timeout", stack.git_timeout),
+        ("stack.compose_timeout", stack.compose_timeout),
+        ("stack.pull_timeout", stack.pull_timeout),
+        ("stack.retry_backoff_min", stack.retry_backoff_min),
+        ("stack.factory_reset_timeout", stack.factory_reset_timeout),
+    ] {
+        if value.is_zero() {
+            report(key, "must be longer than zero".into());
+        }
+    }
+    if stack.poll_jitter_percent > 50 {
+        report("stack.poll_jitter_percent", format!("{} is above the maximum of 50", stack.poll_jitter_percent));
+    }
+    if stack.retry_backoff_max < stack.retry_backoff_min {
+        report("stack.retry_backoff_max", "must not be shorter than stack.retry_backoff_min".into());
+    }
+}
+
+fn check_host(host: &HostConfig, report: &mut impl FnMut(&str, String)) {
+    if host.address.trim().is_empty() || host.address.contains(char::is_whitespace) {
+        report("host.address", format!("{:?} is not a host name or IP address", host.address));
+    }
+    if host.port == 0 {
+        report("host.port", "must be a TCP port from 1 to 65535".into());
+    }
+    if host.user.is_empty() || !host.user.chars().all(|character| character.is_ascii_alphanumeric() || "._-".contains(character)) {
+        report("host.user", format!("{:?} is not a user name: use letters, digits, '.', '_' and '-'", host.user));
+    }
+    if !host.key_file.is_absolute() {
+        report("host.key_file", format!("{} must be an absolute path", host.key_file.display()));
+    }
+    if let Err(reason) = crate::driver::ssh::PinnedHostKey::parse(&host.host_key) {
+        report("host.host_key", reason);
+    }
+    for (key, value) in [
+        ("host.connect_timeout", host.connect_timeout),
+        ("host.command_timeout", host.command_timeout),
+        ("host.update_lists_timeout", host.update_lists_timeout),
+        ("host.upgrade_timeout", host.upgrade_timeout),
+        ("host.repair_timeout", host.repair_timeout),
+        ("host.boot_timeout", host.boot_timeout),
+        ("host.job_poll_interval", host.job_poll_interval),
+    ] {
+        if value.is_zero() {
+            report(key, "must be longer than zero".into());
+        }
+    }
+    let safe_path = host.job_directory.starts_with('/')
+        && host.job_directory.len() > 1
+        && host.job_directory.chars().all(|character| character.is_ascii_alphanumeric() || "/._-".contains(character))
+        && !host.job_directory.split('/').any(|part| part == "..");
+    if !safe_path {
+        report("host.job_directory", format!("{:?} must be an absolute path of letters, digits, '/', '.', '_' and '-', without \"..\"", host.job_directory));
+    }
+    for (key, command) in [
+        ("host.boot_id_command", &host.boot_id_command),
+        ("host.kernel_release_command", &host.kernel_release_command),
+        ("host.installed_kernels_command", &host.installed_kernels_command),
+        ("host.reboot_command", &host.reboot_command),
+    ] {
+        if command.trim().is_empty() {
+            report(key, "must be a shell command".into());
+        }
     }
 }
 
@@ -512,6 +780,15 @@ impl Sections<'_> {
             return None;
         }
         self.optional(table, name)
+    }
+
+    /// Parses a section that may be missing unless `required`. Returns
+    /// `Some(None)` for a missing section and `None` after a problem.
+    fn present<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str, required: bool) -> Option<Option<T>> {
+        if !table.contains_key(name) && !required {
+            return Some(None);
+        }
+        self.required(table, name).map(Some)
     }
 
     fn optional<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<T> {
@@ -678,5 +955,67 @@ checkout = "/srv/eventpi/stack"
         let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
 
         assert_eq!(keys, vec!["stack.branch", "stack.checkout", "stack.project"]);
+    }
+
+    const HOST: &str = r#"
+[journal]
+directory = "/var/lib/eventpi/journal"
+
+[host]
+address = "host.docker.internal"
+key_file = "/etc/eventpi/host_ed25519"
+host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+"#;
+
+    #[test]
+    fn host_section_gets_defaults_without_stack() {
+        let config = HostPatchConfig::parse(HOST).unwrap();
+
+        assert_eq!(config.host.port, 22);
+        assert_eq!(config.host.user, "root");
+        assert_eq!(config.host.max_reboots, 1);
+        assert_eq!(config.host.dpkg_lock_wait, Duration::from_secs(600));
+        assert_eq!(config.host.boot_id_command, "cat /proc/sys/kernel/random/boot_id");
+    }
+
+    #[test]
+    fn agent_config_keeps_host_section() {
+        let text = format!("{MINIMAL}{}", HOST.replace("[journal]\ndirectory = \"/var/lib/eventpi/journal\"\n", ""));
+
+        let config = Config::parse(&text).unwrap();
+
+        assert_eq!(config.host.map(|host| host.address), Some("host.docker.internal".to_string()));
+    }
+
+    #[test]
+    fn host_patch_needs_host_section() {
+        let problems = HostPatchConfig::parse(MINIMAL).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
+
+        assert_eq!(keys, vec!["host"]);
+    }
+
+    #[test]
+    fn host_problems_have_key_and_line() {
+        let text = HOST
+            .replace("SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "not-a-key")
+            .replace("/etc/eventpi/host_ed25519", "relative/key")
+            .replace("[host]", "[host]\nupgrade_timeout = \"0s\"\njob_directory = \"/tmp/x y\"");
+
+        let problems = HostPatchConfig::parse(&text).unwrap_err();
+        let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
+
+        assert_eq!(
+            found,
+            vec![("host.key_file", Some(9)), ("host.host_key", Some(10)), ("host.upgrade_timeout", Some(6)), ("host.job_directory", Some(7))]
+        );
+    }
+
+    #[test]
+    fn known_hosts_line_is_a_valid_pin() {
+        let line = "[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+        let text = HOST.replace("SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", line);
+
+        assert!(HostPatchConfig::parse(&text).is_ok());
     }
 }

@@ -9,9 +9,13 @@
 //!   that persists every transition before its command runs.
 //! - [`model`]: values shared by machines, journal and drivers (commit ids,
 //!   digests, releases, failures).
+//! - [`kernel`]: kernel release strings, their flavour and their order.
+//! - [`driver`]: runs the commands the machines queue; [`driver::host`] patches
+//!   the Docker host over SSH ([`driver::ssh`]) with jobs detached on the host.
 
 pub mod machine;
 pub mod model;
+pub mod kernel;
 pub mod config;
 pub mod failpoint;
 pub mod journal;

@@ -7,11 +7,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use eventpi_autoupdate::config::{Config, LogFormat};
+use eventpi_autoupdate::config::{Config, ConfigError, HostPatchConfig, LogFormat};
 use eventpi_autoupdate::control::client::{self, ClientError, Endpoint};
+use eventpi_autoupdate::driver::host::HostDriver;
 use eventpi_autoupdate::journal::Journal;
+use eventpi_autoupdate::machine::host::{HostOutcome, HostState};
 use eventpi_autoupdate::machine::{MachineKind, TABLES};
 use eventpi_autoupdate::runtime::Progress;
+use eventpi_autoupdate::seams::Seams;
 use eventpi_autoupdate::status::{self, AgentStatus};
 use eventpi_autoupdate::{agent, diagram, report};
 
@@ -70,8 +73,27 @@ enum Command {
         config: PathBuf,
     },
 
+    /// Patches the Docker host once over SSH and exits.
+    ///
+    /// Resumes the attempt that the journal shows in progress, or starts a
+    /// new one. An attempt runs preflight checks, apt-get update and apt-get
+    /// full-upgrade as jobs detached on the host, reboots when the host needs
+    /// it (at most host.max_reboots times), and checks the new boot and kernel. Needs the
+    /// [journal] and [host] sections. It takes the journal's lease, so an
+    /// agent running on the same journal stops acting; stop the agent first.
+    ///
+    /// Exit status: 0 when the host is patched, 75 when another process held
+    /// the dpkg lock for all of host.dpkg_lock_wait, 1 when the attempt failed
+    /// (the reason is printed and kept in the journal).
+    HostPatch {
+        /// Configuration file (TOML).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+
     /// Validates a configuration file: exit status 0, or every problem with
-    /// its key and line.
+    /// its key and line. A file with [host] and without [stack] is valid for
+    /// host-patch only.
     CheckConfig {
         /// Configuration file (TOML).
         #[arg(value_name = "FILE")]
@@ -174,9 +196,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(agent::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::HostPatch { config } => {
+            let config = HostPatchConfig::load(&config)?;
+            init_logging(cli.log_format, Some(config.agent.log_format), &config.agent.log_level);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(host_patch(config))
+        }
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: valid", file.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(error) if lacks_only_stack(&error) && HostPatchConfig::load(&file).is_ok() => {
+                println!("{}: valid for host-patch; autoupdate run also needs a [stack] section", file.display());
                 Ok(ExitCode::SUCCESS)
             }
             Err(error) => {
@@ -361,6 +397,47 @@ impl ProgressPrinter {
     fn finish(&mut self) {
         for bar in self.bars.values() {
             bar.finish();
+        }
+    }
+}
+
+/// Tells whether a missing `[stack]` section is the only problem.
+fn lacks_only_stack(error: &ConfigError) -> bool {
+    matches!(&error.problems[..], [problem] if problem.key == "stack")
+}
+
+/// Exit status for a host whose dpkg lock stayed held (EX_TEMPFAIL).
+const EXIT_BUSY: u8 = 75;
+
+async fn host_patch(config: HostPatchConfig) -> anyhow::Result<ExitCode> {
+    let seams = Seams::system(config.seams.boot_id_file.clone());
+    let journal = agent::open_journal(&config.journal)?;
+    let holder = eventpi_autoupdate::identity::holder_name();
+    let epoch = journal.lock().expect("the journal lock is not shared yet").take_lease(&holder, seams.meta())?;
+    tracing::info!(holder, epoch, journal = %config.journal.directory.display(), "took the journal lease for a host patch");
+
+    let mut driver = HostDriver::new(journal, seams, config.host);
+    let state = tokio::select! {
+        result = driver.run_cycle() => result?,
+        () = shutdown_signal() => {
+            anyhow::bail!("stopped by a signal in state {}. The next run resumes the attempt", driver.state().name());
+        }
+    };
+
+    let outcome = driver.memory().last_outcome.clone();
+    let summary = outcome.as_ref().map_or_else(|| format!("ended in state {}", state.name()), HostOutcome::describe);
+    match (state, outcome) {
+        (HostState::Done, _) => {
+            println!("host-patch: {summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        (_, Some(HostOutcome::Busy { .. })) => {
+            eprintln!("host-patch: {summary}");
+            Ok(ExitCode::from(EXIT_BUSY))
+        }
+        _ => {
+            eprintln!("host-patch: {summary}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::coordinator::Snapshot;
 use crate::journal::Journal;
 use crate::journal::record::RecordMeta;
+use crate::machine::host::{HostMemory, HostOutcome};
 use crate::machine::stack::{Outcome, StackMemory, StackState};
 use crate::machine::{MachineKind, describe_machine, describe_state};
 use crate::model::Release;
@@ -64,6 +65,9 @@ pub struct MachineView {
     pub rejected: Option<RejectedView>,
     pub needs_attention: Option<String>,
     pub last_error: Option<ErrorView>,
+    /// Further facts specific to the machine, one line each.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +174,21 @@ fn fill_stack(view: &mut MachineView, memory: &StackMemory, state: Option<StackS
     view.needs_attention = memory.needs_attention.clone();
 }
 
+fn fill_host(view: &mut MachineView, memory: &HostMemory) {
+    if let Some(attempt) = &memory.attempt {
+        let mut note = format!("attempt {} in progress, {} reboot(s) so far", attempt.number, attempt.reboots);
+        if let Some(job) = &attempt.job {
+            note.push_str(&format!(", job {}", job.id));
+        }
+        view.notes.push(note);
+    }
+    view.last_outcome = memory.last_outcome.as_ref().map(HostOutcome::describe).filter(|outcome| memory.needs_attention.as_ref() != Some(outcome));
+    if !memory.kernels_not_activated.is_empty() {
+        view.notes.push(format!("kernels that a reboot did not activate: {}", memory.kernels_not_activated.join(", ")));
+    }
+    view.needs_attention = memory.needs_attention.clone();
+}
+
 /// Builds the status from a journal; `live` parts are left empty.
 pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
     let state = journal.state();
@@ -187,6 +206,11 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
         if kind == MachineKind::Stack {
             if let Some(memory) = &state.stack_memory {
                 fill_stack(&mut view, memory, machine.state.and_then(StackState::from_code));
+            }
+        }
+        if kind == MachineKind::HostPatch {
+            if let Some(memory) = &state.host_memory {
+                fill_host(&mut view, memory);
             }
         }
         machines.push(view);
@@ -295,6 +319,9 @@ pub fn render(status: &AgentStatus) -> String {
         }
         if let Some(attempt) = &machine.attempt {
             let _ = writeln!(text, "  attempt {} moving to commit {}", attempt.number, attempt.target);
+        }
+        for note in &machine.notes {
+            let _ = writeln!(text, "  {note}");
         }
         if let Some(outcome) = &machine.last_outcome {
             let _ = writeln!(text, "  last outcome: {outcome}");

@@ -1,9 +1,13 @@
 //! Drivers run the commands that the pure machines queue, against the real
-//! world: the `git` and `docker compose` commands and the Docker API.
+//! world: the `git` and `docker compose` commands, the Docker API, and SSH to
+//! the Docker host.
 
 pub mod compose;
 pub mod docker;
 pub mod git;
 pub mod health;
+pub mod host;
+pub mod host_script;
 pub mod process;
+pub mod ssh;
 pub mod stack;

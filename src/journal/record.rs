@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine::host::HostMemory;
 use crate::machine::stack::StackMemory;
 
 /// When and on which boot a record was written. Every record carries one.
@@ -127,6 +128,13 @@ pub struct OutboxCountersRecord {
     pub dropped: u64,
 }
 
+/// The host-patch machine's memory after a transition that changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostMemoryRecord {
+    pub meta: RecordMeta,
+    pub memory: HostMemory,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -142,6 +150,7 @@ pub enum Record {
     NotificationDelivered(NotificationDeliveredRecord),
     NotificationDropped(NotificationDroppedRecord),
     OutboxCounters(OutboxCountersRecord),
+    HostMemory(HostMemoryRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -163,6 +172,7 @@ pub mod tag {
     pub const NOTIFICATION_DELIVERED: u8 = 97;
     pub const NOTIFICATION_DROPPED: u8 = 98;
     pub const OUTBOX_COUNTERS: u8 = 99;
+    pub const HOST_MEMORY: u8 = 48;
 }
 
 /// Error for a payload with a known tag that does not decode.
@@ -196,6 +206,7 @@ impl Record {
             Record::NotificationDelivered(_) => tag::NOTIFICATION_DELIVERED,
             Record::NotificationDropped(_) => tag::NOTIFICATION_DROPPED,
             Record::OutboxCounters(_) => tag::OUTBOX_COUNTERS,
+            Record::HostMemory(_) => tag::HOST_MEMORY,
         }
     }
 
@@ -213,6 +224,7 @@ impl Record {
             Record::NotificationDelivered(record) => &record.meta,
             Record::NotificationDropped(record) => &record.meta,
             Record::OutboxCounters(record) => &record.meta,
+            Record::HostMemory(record) => &record.meta,
         }
     }
 
@@ -231,6 +243,7 @@ impl Record {
             Record::NotificationDelivered(record) => postcard::to_stdvec(record),
             Record::NotificationDropped(record) => postcard::to_stdvec(record),
             Record::OutboxCounters(record) => postcard::to_stdvec(record),
+            Record::HostMemory(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -254,6 +267,7 @@ impl Record {
             tag::NOTIFICATION_DELIVERED => Record::NotificationDelivered(parse(tag, payload)?),
             tag::NOTIFICATION_DROPPED => Record::NotificationDropped(parse(tag, payload)?),
             tag::OUTBOX_COUNTERS => Record::OutboxCounters(parse(tag, payload)?),
+            tag::HOST_MEMORY => Record::HostMemory(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))
@@ -283,6 +297,22 @@ mod tests {
         let framed = super::super::frame::OVERHEAD + record.encode_payload().len();
 
         assert!(framed < 64, "a framed transition takes {framed} bytes");
+    }
+
+    #[test]
+    fn host_memory_round_trips_under_its_tag() {
+        let memory = crate::machine::host::HostMemory {
+            attempts_started: 3,
+            needs_attention: Some("kernel not activated".into()),
+            kernels_not_activated: vec!["6.6.62+rpt-rpi-v8".into()],
+            ..Default::default()
+        };
+        let record = Record::HostMemory(HostMemoryRecord { meta: RecordMeta::default(), memory });
+
+        let decoded = Record::decode(tag::HOST_MEMORY, &record.encode_payload()).unwrap();
+
+        assert_eq!(record.tag(), 48);
+        assert_eq!(decoded, Decoded::Known(record));
     }
 
     #[test]

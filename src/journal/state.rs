@@ -4,9 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::journal::record::{
-    CompactedRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
-    NotificationRecord, OutboxCountersRecord, Record, RecordMeta, StackMemoryRecord, TransitionRecord,
+    CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord,
+    MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, StackMemoryRecord,
+    TransitionRecord,
 };
+use crate::machine::host::HostMemory;
 use crate::machine::stack::StackMemory;
 
 /// Lease epochs remembered as aborted or confirmed. Older ones cannot matter:
@@ -46,6 +48,7 @@ pub enum History {
 pub struct JournalState {
     pub machines: BTreeMap<u8, MachineView>,
     pub stack_memory: Option<StackMemory>,
+    pub host_memory: Option<HostMemory>,
     /// The lease with the highest epoch.
     pub lease: Option<LeaseRecord>,
     pub aborted_epochs: BTreeSet<u64>,
@@ -70,6 +73,7 @@ impl JournalState {
         JournalState {
             machines: BTreeMap::new(),
             stack_memory: None,
+            host_memory: None,
             lease: None,
             aborted_epochs: BTreeSet::new(),
             confirmed_epochs: BTreeSet::new(),
@@ -160,6 +164,7 @@ impl JournalState {
                 self.notifications_delivered = self.notifications_delivered.max(counters.delivered);
                 self.notifications_dropped = self.notifications_dropped.max(counters.dropped);
             }
+            Record::HostMemory(memory) => self.host_memory = Some(memory.memory.clone()),
         }
     }
 
@@ -182,6 +187,10 @@ impl JournalState {
         if let Some(memory) = &self.stack_memory {
             records.push(Record::StackMemory(StackMemoryRecord { meta, memory: memory.clone() }));
         }
+        if let Some(memory) = &self.host_memory {
+            records.push(Record::HostMemory(HostMemoryRecord { meta, memory: memory.clone() }));
+        }
+
         records.push(Record::OutboxCounters(OutboxCountersRecord {
             meta,
             delivered: self.notifications_delivered,
@@ -211,5 +220,24 @@ fn remember(epochs: &mut BTreeSet<u64>, epoch: u64) {
     epochs.insert(epoch);
     while epochs.len() > REMEMBERED_EPOCHS {
         epochs.pop_first();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_keeps_host_memory() {
+        let memory = HostMemory { attempts_started: 2, kernels_not_activated: vec!["6.6.62+rpt-rpi-v8".into()], ..HostMemory::default() };
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&Record::HostMemory(HostMemoryRecord { meta: RecordMeta::default(), memory: memory.clone() }));
+
+        let mut rebuilt = JournalState::new(History::Recent);
+        for record in state.snapshot(RecordMeta::default(), KEPT_TRANSITIONS) {
+            rebuilt.apply(&record);
+        }
+
+        assert_eq!(rebuilt.host_memory, Some(memory));
     }
 }

@@ -6,6 +6,7 @@
 //! that need one case per state. No machine does I/O: guards read facts given
 //! to them, and actions queue commands for a driver.
 
+pub mod host;
 pub mod stack;
 
 use std::fmt;
@@ -67,7 +68,7 @@ impl fmt::Display for MachineKind {
 }
 
 /// Every machine table this build contains.
-pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE];
+pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE];
 
 /// A state of a machine with its persisted code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
