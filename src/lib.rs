@@ -23,3 +23,4 @@ pub mod diagram;
 pub mod identity;
 pub mod panel;
 pub mod report;
+pub mod secret;
