@@ -13,6 +13,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+pub mod trust;
+
+pub use trust::{GitConfig, RegistryConfig, Transport};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -22,6 +26,9 @@ pub struct Config {
     pub stack: StackConfig,
     pub panel: PanelConfig,
     pub seams: SeamsConfig,
+    pub git: GitConfig,
+    /// `[[registry]]` entries, one per registry host that needs credentials.
+    pub registries: Vec<RegistryConfig>,
 }
 
 /// `[agent]`: identity, logging and local working files.
@@ -317,14 +324,16 @@ impl Config {
         let stack = sections.required::<StackConfig>(&mut table, "stack");
         let panel = sections.optional::<PanelConfig>(&mut table, "panel");
         let seams = sections.optional::<SeamsConfig>(&mut table, "seams");
+        let git = sections.optional::<GitConfig>(&mut table, "git");
+        let registries = sections.array::<RegistryConfig>(&mut table, "registry");
         for unknown in table.keys() {
-            sections.problem(unknown, "unknown section or key; the sections are agent, journal, docker, stack, panel and seams");
+            sections.problem(unknown, "unknown section or key; the sections are agent, journal, docker, stack, git, [[registry]], panel and seams");
         }
 
         let mut problems = sections.problems;
-        match (agent, journal, docker, stack, panel, seams) {
-            (Some(agent), Some(journal), Some(docker), Some(stack), Some(panel), Some(seams)) if problems.is_empty() => {
-                let config = Config { agent, journal, docker, stack, panel, seams };
+        match (agent, journal, docker, stack, panel, seams, git, registries) {
+            (Some(agent), Some(journal), Some(docker), Some(stack), Some(panel), Some(seams), Some(git), Some(registries)) if problems.is_empty() => {
+                let config = Config { agent, journal, docker, stack, panel, seams, git, registries };
                 problems.extend(config.check(text));
                 if problems.is_empty() { Ok(config) } else { Err(problems) }
             }
@@ -409,6 +418,8 @@ impl Config {
         if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));
         }
+        problems.extend(trust::check_git(&self.git, &self.stack.repository, text));
+        problems.extend(trust::check_registries(&self.registries, text));
         problems
     }
 }
@@ -429,6 +440,43 @@ impl Sections<'_> {
             return None;
         }
         self.optional(table, name)
+    }
+
+    /// Reads an array of tables (`[[name]]`), each entry on its own, so that a
+    /// problem names the entry as `name[index].key` with its line.
+    fn array<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<Vec<T>> {
+        let Some(value) = table.remove(name) else { return Some(Vec::new()) };
+        let toml::Value::Array(items) = value else {
+            self.problem(name, format!("must be an array of tables: write each entry as [[{name}]]"));
+            return None;
+        };
+
+        let mut entries = Vec::new();
+        let mut failed = false;
+        for (index, item) in items.into_iter().enumerate() {
+            let result = serde_path_to_error::deserialize::<_, T>(item);
+            match result {
+                Ok(entry) => entries.push(entry),
+                Err(error) => {
+                    failed = true;
+                    let path = error.path().to_string();
+                    let field = if path == "." { String::new() } else { path };
+                    let message = error.into_inner().to_string();
+                    let field = match (field.is_empty(), message.strip_prefix("unknown field `")) {
+                        (true, Some(rest)) => rest.split('`').next().unwrap_or_default().to_string(),
+                        _ => field,
+                    };
+                    let line = trust::line_of_array_key(self.text, name, index, &field);
+                    let key = if field.is_empty() { format!("{name}[{index}]") } else { format!("{name}[{index}].{field}") };
+                    let message = match message.strip_prefix("unknown field ") {
+                        Some(rest) => format!("unknown key {rest}"),
+                        None => message,
+                    };
+                    self.problems.push(Problem { key, line, message });
+                }
+            }
+        }
+        if failed { None } else { Some(entries) }
     }
 
     fn optional<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<T> {

@@ -9,6 +9,8 @@
 //!   that persists every transition before its command runs.
 //! - [`model`]: values shared by machines, journal and drivers (commit ids,
 //!   digests, releases, failures).
+//! - [`credentials`] and [`secret`]: registry and git credentials read from
+//!   owner-only files, and the redaction that keeps them out of every output.
 
 pub mod machine;
 pub mod model;
@@ -23,4 +25,5 @@ pub mod diagram;
 pub mod identity;
 pub mod panel;
 pub mod report;
+pub mod credentials;
 pub mod secret;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use eventpi_autoupdate::config::{Config, LogFormat};
+use eventpi_autoupdate::credentials::Credentials;
 use eventpi_autoupdate::journal::Journal;
 use eventpi_autoupdate::machine::{MachineKind, TABLES};
 use eventpi_autoupdate::{agent, diagram, report};
@@ -48,8 +49,8 @@ enum Command {
         config: PathBuf,
     },
 
-    /// Validates a configuration file: exit status 0, or every problem with
-    /// its key and line.
+    /// Validates a configuration file and the credentials files it names:
+    /// exit status 0, or every problem with its key and line.
     CheckConfig {
         /// Configuration file (TOML).
         #[arg(value_name = "FILE")]
@@ -109,10 +110,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(agent::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+        Command::CheckConfig { file } => match Config::load(&file).map(|config| Credentials::load(&config)) {
+            Ok(Ok(_)) => {
                 println!("{}: valid", file.display());
                 Ok(ExitCode::SUCCESS)
+            }
+            Ok(Err(error)) => {
+                eprintln!("{}: {error}", file.display());
+                Ok(ExitCode::FAILURE)
             }
             Err(error) => {
                 eprintln!("{error}");
