@@ -8,9 +8,11 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::credentials::{Credentials, CredentialsError};
 use crate::driver::compose::Compose;
 use crate::driver::docker::Engine;
 use crate::driver::git::GitMirror;
+use crate::driver::git_auth::{GitAccess, GitAccessError};
 use crate::driver::process::{self, CommandSpec};
 use crate::driver::stack::{DriverError, DriverSettings, SharedJournal, StackDriver};
 use crate::journal::{History, Journal, JournalError, JournalOptions};
@@ -29,6 +31,12 @@ const CHILD_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+
+    #[error(transparent)]
+    GitAccess(#[from] GitAccessError),
+
+    #[error(transparent)]
     Journal(#[from] JournalError),
 
     #[error(transparent)]
@@ -37,6 +45,11 @@ pub enum AgentError {
 
 /// Runs the agent until `shutdown` completes or the journal fails.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Credentials come first: an agent that would refuse them must not take
+    // the lease from one that works.
+    let credentials = Credentials::load(&config)?;
+    let access = GitAccess::prepare(&credentials.git, &config.stack.repository, &config.state_directory().join("ssh"))?;
+
     let seams = Seams::system(config.seams.boot_id_file.clone());
     let holder = crate::identity::holder_name();
     let journal = open_journal(&config)?;
@@ -49,7 +62,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     tokio::pin!(shutdown);
     let result = tokio::select! {
-        result = run_machines(&config, journal, seams, board.clone()) => result,
+        result = run_machines(&config, credentials, access, journal, seams, board.clone()) => result,
         () = &mut shutdown => {
             tracing::info!("stop requested");
             Ok(())
@@ -65,9 +78,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
-async fn run_machines(config: &Config, journal: SharedJournal, seams: Seams, board: Board) -> Result<(), AgentError> {
+async fn run_machines(
+    config: &Config,
+    credentials: Credentials,
+    access: GitAccess,
+    journal: SharedJournal,
+    seams: Seams,
+    board: Board,
+) -> Result<(), AgentError> {
     let platform = config.docker.platform.as_deref().and_then(Platform::parse);
-    let engine = wait_for_engine(config.docker.host.as_deref(), platform, &board).await;
+    let engine = wait_for_engine(config.docker.host.as_deref(), platform, &board).await.with_credentials(credentials.registries);
     let compose_command = find_compose(config).await;
     board.set(Source::Agent, None);
 
@@ -78,6 +98,7 @@ async fn run_machines(config: &Config, journal: SharedJournal, seams: Seams, boa
         checkout: stack.checkout.clone(),
         timeout: stack.git_timeout,
         known_good_bundle: config.state_directory().join("known-good.bundle"),
+        access,
     };
     let compose = Compose {
         command: compose_command,

@@ -4,6 +4,7 @@
 pub mod compose;
 pub mod docker;
 pub mod git;
+pub mod git_auth;
 pub mod health;
 pub mod process;
 pub mod stack;

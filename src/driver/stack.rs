@@ -306,6 +306,7 @@ impl StackDriver {
                 tracing::debug!(machine = "stack", tip = %tip.short(), "fetched the device branch");
                 StackEvents::TipFetched(tip)
             }
+            Err(error) if error.needs_attention() => StackEvents::FetchFailed(Failure::attention(error.to_string())),
             Err(error) => StackEvents::FetchFailed(Failure::transient(error.to_string())),
         }
     }
