@@ -14,6 +14,7 @@ use crate::driver::docker::Engine;
 use crate::driver::git::GitMirror;
 use crate::driver::git_auth::{GitAccess, GitAccessError};
 use crate::driver::process::{self, CommandSpec};
+use crate::driver::signing::SignaturePolicy;
 use crate::driver::stack::{DriverError, DriverSettings, SharedJournal, StackDriver};
 use crate::journal::{History, Journal, JournalError, JournalOptions};
 use crate::machine::stack::StackSettings;
@@ -120,10 +121,21 @@ async fn run_machines(
         factory_reset_command: stack.factory_reset_command.clone(),
         factory_reset_timeout: stack.factory_reset_timeout,
         machine: StackSettings { max_resumes: stack.max_resumes },
+        signatures: signature_policy(config),
     };
     let driver = StackDriver::new(journal, seams, engine, git, compose, settings, board, Arc::new(Notify::new()));
     driver.run().await?;
     Ok(())
+}
+
+/// Returns the signature policy when `git.require_signed_commits` is on.
+fn signature_policy(config: &Config) -> Option<SignaturePolicy> {
+    if !config.git.require_signed_commits {
+        return None;
+    }
+    let allowed_signers = config.git.allowed_signers_file.clone()?;
+    tracing::info!(list = %allowed_signers.display(), "only commits signed by a key in the allowed signers list are applied");
+    Some(SignaturePolicy { allowed_signers })
 }
 
 /// Opens the journal. A file without a valid header is moved aside, never

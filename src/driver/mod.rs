@@ -7,4 +7,5 @@ pub mod git;
 pub mod git_auth;
 pub mod health;
 pub mod process;
+pub mod signing;
 pub mod stack;
