@@ -420,3 +420,58 @@ fn remove_path(path: &Path) -> Result<(), GitError> {
     };
     result.map_err(|source| GitError::Io { action: "remove", path: path.to_path_buf(), source })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn mirror(url: &str) -> GitMirror {
+        GitMirror {
+            url: url.to_string(),
+            branch: "device-0001".into(),
+            checkout: PathBuf::from("/srv/eventpi/stack"),
+            timeout: Duration::from_secs(5),
+            known_good_bundle: PathBuf::from("/srv/eventpi/known-good.bundle"),
+            access: GitAccess::default(),
+        }
+    }
+
+    fn failed(stderr: &str) -> ProcessError {
+        ProcessError::Failed { command: "git fetch".into(), status: std::process::ExitStatus::from_raw(128 << 8), stdout: String::new(), stderr: stderr.into() }
+    }
+
+    #[test]
+    fn changed_host_key_is_its_own_error() {
+        let stderr = "The fingerprint for the ED25519 key sent by the remote host is\nSHA256:Fw6AEoPhmep4u7IrvAzF1ZN4Fju615ywmJ7UHyr3Krs.\nHost key verification failed.\nfatal: Could not read from remote repository.\n";
+
+        let error = mirror("ssh://git@127.0.0.1:2222/stack.git").classify(failed(stderr));
+
+        let GitError::HostKeyChanged { server, fingerprint } = &error else { panic!("not a host key error: {error}") };
+        assert_eq!(server, "[127.0.0.1]:2222");
+        assert_eq!(fingerprint, "SHA256:Fw6AEoPhmep4u7IrvAzF1ZN4Fju615ywmJ7UHyr3Krs");
+        assert!(error.needs_attention());
+        assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn refused_deploy_key_is_access_denied() {
+        let stderr = "git@127.0.0.1: Permission denied (publickey).\nfatal: Could not read from remote repository.\n";
+
+        let error = mirror("ssh://git@127.0.0.1:2222/stack.git").classify(failed(stderr));
+
+        assert!(matches!(error, GitError::AccessDenied { .. }), "{error}");
+        assert!(error.needs_attention());
+    }
+
+    #[test]
+    fn refused_connection_is_unreachable() {
+        let stderr = "ssh: connect to host 127.0.0.1 port 2222: Connection refused\nfatal: Could not read from remote repository.\n";
+
+        let error = mirror("ssh://git@127.0.0.1:2222/stack.git").classify(failed(stderr));
+
+        assert!(matches!(error, GitError::Unreachable { .. }), "{error}");
+        assert!(!error.needs_attention());
+    }
+}
