@@ -6,18 +6,19 @@
 //! partition, and `git verify-commit` with `gpg.format=ssh` checks each
 //! commit against it.
 //!
-//! The list rotates through the repository: a commit that changes
-//! [`REPOSITORY_SIGNERS_PATH`] replaces the device's list with that file, but
-//! only when the commit itself is signed by a key in the list in effect
-//! before it, and only when it was committed later than the commit the
-//! current list came from. The commits of the branch that change the file
-//! are taken oldest first, so a device that skipped a rotation commit still
-//! follows the chain. The committer time is part of the signed commit, so an
-//! older signed commit pushed again cannot bring back an earlier list. A
-//! commit that is not trusted never changes the list, and deleting the file
-//! from the repository leaves the device's list as it is.
+//! The list rotates through the repository. A commit that changes
+//! [`REPOSITORY_SIGNERS_PATH`] replaces the device's list with that file when
+//! the commit is signed by a key in the list in effect before it. It must
+//! also be committed later than the commit the current list came from. The
+//! commits of the branch that change the file are taken oldest first, so a
+//! device that skipped a rotation commit still follows the chain. The
+//! committer time is part of the signed commit, so an older signed commit
+//! pushed again cannot bring back an earlier list. A commit that is not
+//! trusted never changes the list, and deleting the file from the repository
+//! leaves the device's list as it is.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::driver::git::GitMirror;
@@ -87,7 +88,7 @@ impl SignatureError {
     }
 }
 
-/// Who signed a commit that passed the check.
+/// Signer of a commit that passed the check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signer {
     /// The principal of the matching line of the allowed signers list.
@@ -114,10 +115,10 @@ impl SignaturePolicy {
 
         let signer = self.verify(git, commit).await?;
 
-        if let Some((_, time)) = changes.iter().find(|(candidate, _)| *candidate == commit) {
-            if *time > self.adopted_time()? {
-                self.adopt(git, commit, *time, &signer).await?;
-            }
+        if let Some((_, time)) = changes.iter().find(|(candidate, _)| *candidate == commit)
+            && *time > self.adopted_time()?
+        {
+            self.adopt(git, commit, *time, &signer).await?;
         }
         Ok(signer)
     }
@@ -295,14 +296,17 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), SignatureError> {
     let temporary = path.with_extension("new");
     {
         let mut file = std::fs::File::create(&temporary).map_err(io("cannot write", &temporary))?;
+        // The agent does not start with a list that group or others can
+        // write, so the mode does not follow the umask.
+        file.set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io("cannot set the mode of", &temporary))?;
         file.write_all(text.as_bytes()).map_err(io("cannot write", &temporary))?;
         file.sync_all().map_err(io("cannot sync", &temporary))?;
     }
     std::fs::rename(&temporary, path).map_err(io("cannot replace", path))?;
-    if let Some(parent) = path.parent() {
-        if let Ok(directory) = std::fs::File::open(parent) {
-            let _ = directory.sync_all();
-        }
+    if let Some(parent) = path.parent()
+        && let Ok(directory) = std::fs::File::open(parent)
+    {
+        let _ = directory.sync_all();
     }
     Ok(())
 }
