@@ -1,10 +1,10 @@
 //! Credentials for the registries and the git server, read once when the
 //! agent starts.
 //!
-//! Every credentials file must be readable by its owner only (no group or
-//! other permission bits); a file that is not is refused, with its mode and
-//! the mode it needs, and the agent does not start. Loading reports every bad
-//! file at once. Passwords and tokens are held as [`Secret`]s.
+//! Every credentials file must be readable by its owner only, with no group
+//! or other permission bits. For any other file the agent does not start, and
+//! the error gives the file, its mode and the mode it needs. Loading reports
+//! every bad file at once. Passwords and tokens are kept as [`Secret`]s.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -55,7 +55,7 @@ pub struct CredentialsError {
 
 impl fmt::Display for CredentialsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "refusing to start: {} problem", self.problems.len())?;
+        write!(f, "cannot start: {} problem", self.problems.len())?;
         if self.problems.len() != 1 {
             f.write_str("s")?;
         }
@@ -216,15 +216,15 @@ impl DockerConfigProblem {
 /// what the file holds.
 fn login_from_docker_config(path: &Path, host: &str) -> Result<RegistryLogin, DockerConfigProblem> {
     let text = secret::read_private_file(path).map_err(|source| DockerConfigProblem { file: Some(source), message: String::new() })?;
-    let shown = path.display();
+    let path_text = path.display();
     let document: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|error| DockerConfigProblem::message(format!("{shown} is not valid JSON: line {} column {}", error.line(), error.column())))?;
+        .map_err(|error| DockerConfigProblem::message(format!("{path_text} is not valid JSON: line {} column {}", error.line(), error.column())))?;
     let auths = document.get("auths").and_then(serde_json::Value::as_object);
     let entry = auths.and_then(|auths| auths.iter().find(|(key, _)| normalize_host(key) == host).map(|(_, entry)| entry));
     let Some(entry) = entry else {
         let helper = document.get("credHelpers").and_then(|helpers| helpers.get(host)).is_some() || document.get("credsStore").is_some();
         let hint = if helper { "; credential helpers are not supported, run `docker login` with a config.json that stores the credentials" } else { "" };
-        return Err(DockerConfigProblem::message(format!("{shown} has no auths entry for {host}{hint}")));
+        return Err(DockerConfigProblem::message(format!("{path_text} has no auths entry for {host}{hint}")));
     };
 
     let field = |name: &str| entry.get(name).and_then(serde_json::Value::as_str).filter(|value| !value.is_empty());
@@ -232,20 +232,20 @@ fn login_from_docker_config(path: &Path, host: &str) -> Result<RegistryLogin, Do
         return Ok(RegistryLogin { username: username.to_string(), password: Secret::new(password) });
     }
     let Some(encoded) = field("auth") else {
-        return Err(DockerConfigProblem::message(format!("{shown}: the auths entry for {host} has neither auth nor username and password")));
+        return Err(DockerConfigProblem::message(format!("{path_text}: the auths entry for {host} has neither auth nor username and password")));
     };
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
-        .ok_or_else(|| DockerConfigProblem::message(format!("{shown}: the auth value for {host} is not base64 of user:password")))?;
+        .ok_or_else(|| DockerConfigProblem::message(format!("{path_text}: the auth value for {host} is not base64 of user:password")))?;
     let Some((username, password)) = decoded.split_once(':') else {
-        return Err(DockerConfigProblem::message(format!("{shown}: the auth value for {host} is not base64 of user:password")));
+        return Err(DockerConfigProblem::message(format!("{path_text}: the auth value for {host} is not base64 of user:password")));
     };
     Ok(RegistryLogin { username: username.to_string(), password: Secret::new(password) })
 }
 
-/// How git authenticates to the server of `stack.repository`.
+/// Credentials for the git server of `stack.repository`.
 #[derive(Debug, Clone, Default)]
 pub enum GitCredentials {
     /// No credentials: `git://`, a local path, or a server open to all.
@@ -285,25 +285,26 @@ impl GitCredentials {
 }
 
 /// Checks that the allowed signers list exists and that only its owner can
-/// change it: whoever can write it decides which commits the device runs.
+/// change it, because a user who can write it decides which commits the
+/// device runs.
 fn check_allowed_signers(git: &GitConfig, problems: &mut Vec<CredentialsProblem>) {
     let Some(path) = &git.allowed_signers_file else { return };
     if !git.require_signed_commits {
         return;
     }
     let key = "git.allowed_signers_file".to_string();
-    let shown = path.display();
+    let path_text = path.display();
     match std::fs::metadata(path) {
         Err(error) => problems.push(CredentialsProblem::AllowedSigners {
             key,
-            message: format!("cannot read {shown}: {error}; provision the allowed signers list on the reserved partition"),
+            message: format!("cannot read {path_text}: {error}; provision the allowed signers list on the reserved partition"),
         }),
-        Ok(metadata) if !metadata.is_file() => problems.push(CredentialsProblem::AllowedSigners { key, message: format!("{shown} is not a regular file") }),
+        Ok(metadata) if !metadata.is_file() => problems.push(CredentialsProblem::AllowedSigners { key, message: format!("{path_text} is not a regular file") }),
         Ok(metadata) if metadata.permissions().mode() & 0o022 != 0 => {
             let mode = metadata.permissions().mode() & 0o7777;
             problems.push(CredentialsProblem::AllowedSigners {
                 key,
-                message: format!("{shown} has mode {mode:04o}, which lets group or others change it; it needs mode 0644 or stricter: run chmod 0644 {shown}"),
+                message: format!("{path_text} has mode {mode:04o}, which lets group or others change it; it needs mode 0644 or stricter: run chmod 0644 {path_text}"),
             });
         }
         Ok(_) => {}
@@ -380,7 +381,7 @@ mod tests {
     }
 
     #[test]
-    fn open_password_file_is_refused() {
+    fn open_password_file_is_rejected() {
         let directory = tempfile::tempdir().unwrap();
         let path = private_file(directory.path(), "password", "s3cr3t\n", 0o644);
         let entry = RegistryConfig { host: "r.example".into(), username: Some("device".into()), password_file: Some(path.clone()), docker_config: None };
@@ -398,7 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn writable_allowed_signers_list_is_refused() {
+    fn writable_allowed_signers_list_is_rejected() {
         let directory = tempfile::tempdir().unwrap();
         let path = private_file(directory.path(), "allowed_signers", "a@example ssh-ed25519 AAAA\n", 0o666);
         let git = GitConfig { require_signed_commits: true, allowed_signers_file: Some(path), ..GitConfig::default() };

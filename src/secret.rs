@@ -58,7 +58,7 @@ pub enum SecretFileError {
     #[error("credentials file {} is not a regular file", path.display())]
     NotAFile { path: PathBuf },
 
-    /// The file holds nothing but white space.
+    /// The file contains only white space.
     #[error("credentials file {} is empty", path.display())]
     Empty { path: PathBuf },
 }
@@ -214,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn open_file_is_refused_with_mode() {
+    fn open_file_is_rejected_with_mode() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("password");
         std::fs::write(&path, "s3cr3t\n").unwrap();
@@ -243,7 +243,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_file_is_refused() {
+    fn empty_file_is_rejected() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("password");
         std::fs::write(&path, "\n").unwrap();

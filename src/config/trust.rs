@@ -1,9 +1,9 @@
 //! The `[git]` section and the `[[registry]]` entries: how the agent reaches
 //! and trusts the git server and the registries.
 //!
-//! Only paths of credential files are in the configuration, never a password
-//! or token; the files are read, and their modes checked, when the agent
-//! starts (see [`crate::credentials`]).
+//! The configuration names credential files, never a password or token. The
+//! agent reads the files and checks their modes when it starts (see
+//! [`crate::credentials`]).
 
 use std::path::PathBuf;
 
@@ -45,12 +45,12 @@ pub struct RegistryConfig {
     pub username: Option<String>,
     /// File holding the password or access token, readable by its owner only.
     pub password_file: Option<PathBuf>,
-    /// A Docker `config.json` whose `auths` entry for `host` holds the
+    /// A Docker `config.json` whose `auths` entry for `host` contains the
     /// credentials, readable by its owner only.
     pub docker_config: Option<PathBuf>,
 }
 
-/// How git reaches a repository URL.
+/// Transport that git uses for a repository URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
     /// `ssh://[user@]host[:port]/path` or `[user@]host:path`.
@@ -185,17 +185,17 @@ pub fn check_git(git: &GitConfig, repository: &str, text: &str) -> Vec<Problem> 
     if git.https_username.is_some() && git.https_token_file.is_none() {
         report("git.https_username", "needs git.https_token_file".into());
     }
-    if let Some(username) = &git.https_username {
-        if username.is_empty() || username.contains(':') || username.chars().any(char::is_control) {
-            report("git.https_username", format!("{username:?} is not a valid user name: it must be non-empty, without ':'"));
-        }
+    if let Some(username) = &git.https_username
+        && (username.is_empty() || username.contains(':') || username.chars().any(char::is_control))
+    {
+        report("git.https_username", format!("{username:?} is not a valid user name: it must be non-empty, without ':'"));
     }
 
     for (key, path) in [("git.ssh_key_file", &git.ssh_key_file), ("git.https_token_file", &git.https_token_file), ("git.allowed_signers_file", &git.allowed_signers_file)] {
-        if let Some(path) = path {
-            if !path.is_absolute() {
-                report(key, format!("{} must be an absolute path", path.display()));
-            }
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            report(key, format!("{} must be an absolute path", path.display()));
         }
     }
     if git.require_signed_commits && git.allowed_signers_file.is_none() {
@@ -234,10 +234,10 @@ pub fn check_registries(registries: &[RegistryConfig], text: &str) -> Vec<Proble
             report("username", "must be non-empty, without ':'".into());
         }
         for (field, path) in [("password_file", &registry.password_file), ("docker_config", &registry.docker_config)] {
-            if let Some(path) = path {
-                if !path.is_absolute() {
-                    report(field, format!("{} must be an absolute path", path.display()));
-                }
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                report(field, format!("{} must be an absolute path", path.display()));
             }
         }
     }

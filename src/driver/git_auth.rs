@@ -1,5 +1,5 @@
-//! How git commands authenticate to the server of the device branch, without
-//! a prompt and without a secret on any command line.
+//! Authentication of git commands to the server of the device branch, with
+//! no prompt and no secret on any command line.
 //!
 //! - ssh: `GIT_SSH_COMMAND` runs OpenSSH with the deploy key only
 //!   (`IdentitiesOnly`, no agent), `BatchMode`, and `StrictHostKeyChecking=yes`

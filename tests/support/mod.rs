@@ -367,6 +367,7 @@ impl SshServer {
             // which Debian's service unit creates.
             fs::create_dir_all("/run/sshd").expect("create /run/sshd");
         }
+
         let config = self.directory.path().join("sshd_config");
         fs::write(
             &config,
@@ -378,6 +379,7 @@ impl SshServer {
             ),
         )
         .unwrap();
+
         let log = fs::OpenOptions::new().create(true).append(true).open(self.directory.path().join("sshd.log")).unwrap();
         // sshd re-executes itself, so it needs its absolute path.
         let child = Command::new("/usr/sbin/sshd")
