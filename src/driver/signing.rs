@@ -188,6 +188,8 @@ impl SignaturePolicy {
     /// Takes the list from `candidate` when the current list trusts its
     /// signature and it is newer than the list's source.
     async fn consider_rotation(&self, git: &GitMirror, candidate: CommitId, time: i64) -> Result<(), SignatureError> {
+        // NOTE: committer times have one-second resolution, so of two
+        // rotation commits made in the same second only the older is taken.
         if time <= self.adopted_time()? {
             return Ok(());
         }
