@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the tools that the example and the tests need on a Debian 12 host.
 # They are Compose v2 (from Debian trixie's package, unpacked as a CLI plugin),
-# the registry, sshd, graphviz, busybox-static, the cross linkers and the disk
+# the registry with htpasswd (apache2-utils) for its basic authentication,
+# sshd and ssh-keygen, graphviz, busybox-static, the cross linkers and the disk
 # image tools of tests/provision.rs (sfdisk, mkfs.vfat, e2fsprogs).
 # Safe to run again: each step is skipped when its result is already present.
 set -euo pipefail

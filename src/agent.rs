@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use crate::config::{Config, JournalConfig};
 use crate::control;
+use crate::credentials::{Credentials, CredentialsError};
 use crate::driver::compose::Compose;
 use crate::driver::docker::Engine;
 use crate::driver::git::GitMirror;
+use crate::driver::git_auth::{GitAccess, GitAccessError};
 use crate::driver::process::{self, CommandSpec};
+use crate::driver::signing::SignaturePolicy;
 use crate::driver::stack::{DriverError, DriverSettings, StackDriver};
 use crate::journal::{History, Journal, JournalError, JournalOptions};
 use crate::machine::stack::StackSettings;
@@ -31,6 +34,12 @@ const CHILD_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+
+    #[error(transparent)]
+    GitAccess(#[from] GitAccessError),
+
+    #[error(transparent)]
     Journal(#[from] JournalError),
 
     #[error(transparent)]
@@ -43,6 +52,11 @@ pub enum AgentError {
 
 /// Runs the agent until `shutdown` completes or the journal fails.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Credentials come first: an agent that would refuse them must not take
+    // the lease from one that works.
+    let credentials = Credentials::load(&config)?;
+    let access = GitAccess::prepare(&credentials.git, &config.stack.repository, &config.state_directory().join("ssh"))?;
+
     let seams = Seams::system(config.seams.boot_id_file.clone());
     let holder = crate::identity::holder_name();
     let journal = open_journal(&config.journal)?;
@@ -63,7 +77,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     tokio::pin!(shutdown);
     let result = tokio::select! {
-        result = run_machines(&config, runtime.clone()) => result,
+        result = run_machines(&config, credentials, access, runtime.clone()) => result,
         () = serve_control(&config, runtime.clone()) => Ok(()),
         result = run_sender(&config, runtime.clone(), secret) => result,
         () = &mut shutdown => {
@@ -116,9 +130,9 @@ async fn run_sender(config: &Config, runtime: Arc<Runtime>, secret: Option<Vec<u
     Ok(())
 }
 
-async fn run_machines(config: &Config, runtime: Arc<Runtime>) -> Result<(), AgentError> {
+async fn run_machines(config: &Config, credentials: Credentials, access: GitAccess, runtime: Arc<Runtime>) -> Result<(), AgentError> {
     let platform = config.docker.platform.as_deref().and_then(Platform::parse);
-    let engine = wait_for_engine(config.docker.host.as_deref(), platform, &runtime.board).await;
+    let engine = wait_for_engine(config.docker.host.as_deref(), platform, &runtime.board).await.with_credentials(credentials.registries);
     let compose_command = find_compose(config).await;
     runtime.board.set(Source::Agent, None);
 
@@ -129,6 +143,7 @@ async fn run_machines(config: &Config, runtime: Arc<Runtime>) -> Result<(), Agen
         checkout: stack.checkout.clone(),
         timeout: stack.git_timeout,
         known_good_bundle: config.state_directory().join("known-good.bundle"),
+        access,
     };
     let compose = Compose {
         command: compose_command,
@@ -150,10 +165,21 @@ async fn run_machines(config: &Config, runtime: Arc<Runtime>) -> Result<(), Agen
         factory_reset_command: stack.factory_reset_command.clone(),
         factory_reset_timeout: stack.factory_reset_timeout,
         machine: StackSettings { max_resumes: stack.max_resumes },
+        signatures: signature_policy(config),
     };
     let driver = StackDriver::new(runtime, engine, git, compose, settings);
     driver.run().await?;
     Ok(())
+}
+
+/// Returns the signature policy when `git.require_signed_commits` is on.
+fn signature_policy(config: &Config) -> Option<SignaturePolicy> {
+    if !config.git.require_signed_commits {
+        return None;
+    }
+    let allowed_signers = config.git.allowed_signers_file.clone()?;
+    tracing::info!(list = %allowed_signers.display(), "only commits signed by a key in the allowed signers list are applied");
+    Some(SignaturePolicy { allowed_signers })
 }
 
 /// Opens the journal. A file without a valid header is moved aside, never

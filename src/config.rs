@@ -13,6 +13,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+pub mod trust;
+
+pub use trust::{GitConfig, RegistryConfig, Transport};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -26,6 +30,9 @@ pub struct Config {
     pub seams: SeamsConfig,
     /// `[host]`, present when the agent patches its Docker host.
     pub host: Option<HostConfig>,
+    pub git: GitConfig,
+    /// `[[registry]]` entries, one per registry host that needs credentials.
+    pub registries: Vec<RegistryConfig>,
 }
 
 /// `[control]`: the local API for the CLI and monitoring.
@@ -514,6 +521,8 @@ impl Config {
             panel: parts.panel,
             seams: parts.seams,
             host: parts.host,
+            git: parts.git,
+            registries: parts.registries,
         })
     }
 
@@ -545,6 +554,8 @@ struct Parts {
     panel: PanelConfig,
     seams: SeamsConfig,
     host: Option<HostConfig>,
+    git: GitConfig,
+    registries: Vec<RegistryConfig>,
 }
 
 impl Parts {
@@ -567,19 +578,32 @@ impl Parts {
         let panel = sections.optional::<PanelConfig>(&mut table, "panel");
         let seams = sections.optional::<SeamsConfig>(&mut table, "seams");
         let host = sections.present::<HostConfig>(&mut table, "host", needs.host);
+        let git = sections.optional::<GitConfig>(&mut table, "git");
+        let registries = sections.array::<RegistryConfig>(&mut table, "registry");
         for unknown in table.keys() {
             sections.problem(
                 unknown,
-                "unknown section or key; the sections are agent, journal, docker, stack, control, notifications, panel, seams and host",
+                "unknown section or key; the sections are agent, journal, docker, stack, git, [[registry]], control, notifications, panel, seams and host",
             );
         }
 
         let mut problems = sections.problems;
-        match (agent, journal, docker, stack, control, notifications, panel, seams, host) {
-            (Some(agent), Some(journal), Some(docker), Some(stack), Some(control), Some(notifications), Some(panel), Some(seams), Some(host))
-                if problems.is_empty() =>
-            {
-                let parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host };
+        let sections = (agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries);
+        match sections {
+            (
+                Some(agent),
+                Some(journal),
+                Some(docker),
+                Some(stack),
+                Some(control),
+                Some(notifications),
+                Some(panel),
+                Some(seams),
+                Some(host),
+                Some(git),
+                Some(registries),
+            ) if problems.is_empty() => {
+                let parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries };
                 problems.extend(parts.check(text));
                 if problems.is_empty() { Ok(parts) } else { Err(problems) }
             }
@@ -630,6 +654,10 @@ impl Parts {
         if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));
         }
+        if let Some(stack) = &self.stack {
+            problems.extend(trust::check_git(&self.git, &stack.repository, text));
+        }
+        problems.extend(trust::check_registries(&self.registries, text));
         problems
     }
 }
@@ -789,6 +817,43 @@ impl Sections<'_> {
             return Some(None);
         }
         self.required(table, name).map(Some)
+    }
+
+    /// Reads an array of tables (`[[name]]`), each entry on its own, so that a
+    /// problem names the entry as `name[index].key` with its line.
+    fn array<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<Vec<T>> {
+        let Some(value) = table.remove(name) else { return Some(Vec::new()) };
+        let toml::Value::Array(items) = value else {
+            self.problem(name, format!("must be an array of tables: write each entry as [[{name}]]"));
+            return None;
+        };
+
+        let mut entries = Vec::new();
+        let mut failed = false;
+        for (index, item) in items.into_iter().enumerate() {
+            let result = serde_path_to_error::deserialize::<_, T>(item);
+            match result {
+                Ok(entry) => entries.push(entry),
+                Err(error) => {
+                    failed = true;
+                    let path = error.path().to_string();
+                    let field = if path == "." { String::new() } else { path };
+                    let message = error.into_inner().to_string();
+                    let field = match (field.is_empty(), message.strip_prefix("unknown field `")) {
+                        (true, Some(rest)) => rest.split('`').next().unwrap_or_default().to_string(),
+                        _ => field,
+                    };
+                    let line = trust::line_of_array_key(self.text, name, index, &field);
+                    let key = if field.is_empty() { format!("{name}[{index}]") } else { format!("{name}[{index}].{field}") };
+                    let message = match message.strip_prefix("unknown field ") {
+                        Some(rest) => format!("unknown key {rest}"),
+                        None => message,
+                    };
+                    self.problems.push(Problem { key, line, message });
+                }
+            }
+        }
+        if failed { None } else { Some(entries) }
     }
 
     fn optional<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<T> {

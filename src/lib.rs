@@ -12,6 +12,8 @@
 //! - [`kernel`]: kernel release strings, their flavour and their order.
 //! - [`driver`]: runs the commands the machines queue; [`driver::host`] patches
 //!   the Docker host over SSH ([`driver::ssh`]) with jobs detached on the host.
+//! - [`credentials`] and [`secret`]: registry and git credentials read from
+//!   owner-only files, and the redaction that keeps them out of every output.
 
 pub mod machine;
 pub mod model;
@@ -33,3 +35,5 @@ pub mod metrics;
 pub mod status;
 pub mod control;
 pub mod runtime;
+pub mod credentials;
+pub mod secret;

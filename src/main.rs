@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use eventpi_autoupdate::config::{Config, ConfigError, HostPatchConfig, LogFormat};
 use eventpi_autoupdate::control::client::{self, ClientError, Endpoint};
+use eventpi_autoupdate::credentials::Credentials;
 use eventpi_autoupdate::driver::host::HostDriver;
 use eventpi_autoupdate::journal::Journal;
 use eventpi_autoupdate::machine::host::{HostOutcome, HostState};
@@ -91,8 +92,8 @@ enum Command {
         config: PathBuf,
     },
 
-    /// Validates a configuration file: exit status 0, or every problem with
-    /// its key and line. A file with [host] and without [stack] is valid for
+    /// Validates a configuration file and the credentials files it names:
+    /// exit status 0, or every problem with its key and line. A file with [host] and without [stack] is valid for
     /// host-patch only.
     CheckConfig {
         /// Configuration file (TOML).
@@ -206,10 +207,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(host_patch(config))
         }
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+        Command::CheckConfig { file } => match Config::load(&file).map(|config| Credentials::load(&config)) {
+            Ok(Ok(_)) => {
                 println!("{}: valid", file.display());
                 Ok(ExitCode::SUCCESS)
+            }
+            Ok(Err(error)) => {
+                eprintln!("{}: {error}", file.display());
+                Ok(ExitCode::FAILURE)
             }
             Err(error) if lacks_only_stack(&error) && HostPatchConfig::load(&file).is_ok() => {
                 println!("{}: valid for host-patch; autoupdate run also needs a [stack] section", file.display());

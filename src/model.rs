@@ -189,6 +189,9 @@ pub enum FailureKind {
     /// The device itself is short of something (disk space, a tool): retry
     /// later and tell the operator.
     Local,
+    /// Retrying cannot succeed until a person acts, for example on a changed
+    /// server host key: retry later and show that the device needs attention.
+    Attention,
 }
 
 /// A failed step, in words an operator can act on.
@@ -209,6 +212,10 @@ impl Failure {
 
     pub fn local(message: impl Into<String>) -> Self {
         Failure { kind: FailureKind::Local, message: message.into() }
+    }
+
+    pub fn attention(message: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Attention, message: message.into() }
     }
 }
 

@@ -11,6 +11,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
+use crate::credentials::{RegistryCredentials, registry_host};
 use crate::model::{Digest, ImageReference, canonical_repository};
 use crate::platform::Platform;
 
@@ -36,7 +37,7 @@ pub enum EngineError {
     ImageNotFound { image: String, detail: String },
 
     /// The registry refused the credentials, or asked for some.
-    #[error("registry refused access to {image}: {detail}; check the registry credentials")]
+    #[error("registry refused access to {image}: {detail}; check the [[registry]] entry for {}", registry_host(image))]
     AccessDenied { image: String, detail: String },
 
     /// The registry could not be reached or failed during the pull.
@@ -87,6 +88,7 @@ pub struct Engine {
     docker: Docker,
     host: String,
     platform: Platform,
+    credentials: RegistryCredentials,
 }
 
 impl Engine {
@@ -110,7 +112,18 @@ impl Engine {
             info.architecture.as_deref().unwrap_or("unknown"),
         );
         let platform = platform.unwrap_or(engine_platform);
-        Ok(Engine { docker, host, platform })
+        Ok(Engine { docker, host, platform, credentials: RegistryCredentials::default() })
+    }
+
+    /// Sets the registry credentials that pulls send to the daemon.
+    pub fn with_credentials(mut self, credentials: RegistryCredentials) -> Engine {
+        self.credentials = credentials;
+        self
+    }
+
+    /// Returns the registry credentials, for pulls and manifest reads.
+    pub fn credentials(&self) -> &RegistryCredentials {
+        &self.credentials
     }
 
     pub fn platform(&self) -> &Platform {
@@ -140,7 +153,10 @@ impl Engine {
         let options = CreateImageOptionsBuilder::default().from_image(&reference.repository).tag(&tag).build();
 
         let pull = async {
-            let mut stream = self.docker.create_image(Some(options), None, None);
+            // The daemon gets the credentials in the X-Registry-Auth header of
+            // this one request; it does not store them.
+            let credentials = self.credentials.for_image(image);
+            let mut stream = self.docker.create_image(Some(options), None, credentials);
             let mut served_digest = None;
             let mut layers_done = 0usize;
             let mut layers: HashMap<String, (u64, u64)> = HashMap::new();

@@ -9,8 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::driver::git_auth::GitAccess;
 use crate::driver::process::{self, CommandSpec, ProcessError};
 use crate::model::CommitId;
+use crate::secret::redact_urls;
 
 /// Ref that keeps the last known-good commit reachable in the clone, so
 /// neither a force-push nor `git gc` can take it away.
@@ -22,6 +24,16 @@ pub enum GitError {
     /// The git server could not be reached or stopped responding.
     #[error("git server {url} is unreachable: {detail}")]
     Unreachable { url: String, detail: String },
+
+    /// The ssh server presented a host key other than the pinned ones. This
+    /// is not retried away: a person must check the server and, if its key
+    /// changed on purpose, pin the new one.
+    #[error("git server {server} presented host key {fingerprint}, which does not match git.ssh_host_keys; updates stop until the server's key is checked and, if it changed on purpose, pinned in git.ssh_host_keys")]
+    HostKeyChanged { server: String, fingerprint: String },
+
+    /// The server refused the deploy key or the token.
+    #[error("git server {url} refused the credentials: {detail}; check git.ssh_key_file or git.https_token_file and the server's access rules")]
+    AccessDenied { url: String, detail: String },
 
     /// The repository has no branch with this name.
     #[error("branch {branch:?} does not exist in {url}; push it or fix stack.branch")]
@@ -49,6 +61,16 @@ impl GitError {
     pub fn is_transient(&self) -> bool {
         matches!(self, GitError::Unreachable { .. } | GitError::BranchMissing { .. } | GitError::Command(ProcessError::TimedOut { .. }))
     }
+
+    /// Tells whether a person must act before git can reach the server again.
+    pub fn needs_attention(&self) -> bool {
+        matches!(self, GitError::HostKeyChanged { .. } | GitError::AccessDenied { .. })
+    }
+
+    /// Tells whether the clone may be at fault, so cloning again may help.
+    fn blames_clone(&self) -> bool {
+        !self.is_transient() && !self.needs_attention()
+    }
 }
 
 /// The device's clone of one branch.
@@ -62,20 +84,39 @@ pub struct GitMirror {
     /// clone made again after damage still has it, even when a force-push
     /// removed it from the server.
     pub known_good_bundle: PathBuf,
+    /// Credentials and host key checking for the server.
+    pub access: GitAccess,
 }
 
 impl GitMirror {
     /// Builds a git command with no prompts, no user or system configuration
     /// and messages in English, so that errors can be classified.
     fn git(&self, directory: &Path) -> CommandSpec {
-        CommandSpec::new("git", self.timeout)
+        let spec = CommandSpec::new("git", self.timeout)
             .current_dir(directory)
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
             .env("LC_ALL", "C")
-            .args(["-c", "gc.autoDetach=false", "-c", "maintenance.auto=false", "-c", "credential.helper="])
+            .args(["-c", "gc.autoDetach=false", "-c", "maintenance.auto=false", "-c", "credential.helper="]);
+        self.access.apply(spec)
+    }
+
+    /// Returns a git command that runs in the clone, with the same
+    /// environment as the mirror's own commands.
+    pub fn command(&self) -> CommandSpec {
+        self.git(&self.checkout)
+    }
+
+    /// Returns the repository URL with any credentials replaced by `***`.
+    fn shown_url(&self) -> String {
+        redact_urls(&self.url)
+    }
+
+    /// Returns the ssh server as `known_hosts` names it, such as
+    /// `[127.0.0.1]:2222`, or the URL for other transports.
+    fn server_name(&self) -> String {
+        crate::config::Transport::of(&self.url).known_hosts_pattern().unwrap_or_else(|| self.shown_url())
     }
 
     fn remote_ref(&self) -> String {
@@ -92,7 +133,7 @@ impl GitMirror {
 
         match self.fetch_once().await {
             Ok(tip) => Ok(tip),
-            Err(error) if error.is_transient() => Err(error),
+            Err(error) if !error.blames_clone() => Err(error),
             Err(error) => {
                 self.repair(&error).await?;
                 self.fetch_once().await
@@ -123,7 +164,7 @@ impl GitMirror {
         }
         match operation().await {
             Ok(value) => Ok(value),
-            Err(error) if error.is_transient() => Err(error),
+            Err(error) if !error.blames_clone() => Err(error),
             Err(error) => {
                 self.repair(&error).await?;
                 if let Err(fetch_error) = self.fetch_once().await {
@@ -197,14 +238,21 @@ impl GitMirror {
             "No route to host",
             "Operation timed out",
         ];
+        let denied = ["Permission denied (publickey", "Authentication failed", "returned error: 401", "returned error: 403", "could not read Username"];
+        if stderr.contains("Host key verification failed") {
+            return GitError::HostKeyChanged { server: self.server_name(), fingerprint: offered_fingerprint(&stderr) };
+        }
         if stderr.contains("couldn't find remote ref") {
-            return GitError::BranchMissing { url: self.url.clone(), branch: self.branch.clone() };
+            return GitError::BranchMissing { url: self.shown_url(), branch: self.branch.clone() };
         }
         if let ProcessError::TimedOut { .. } = error {
-            return GitError::Unreachable { url: self.url.clone(), detail: error.to_string() };
+            return GitError::Unreachable { url: self.shown_url(), detail: error.to_string() };
+        }
+        if denied.iter().any(|pattern| stderr.contains(pattern)) {
+            return GitError::AccessDenied { url: self.shown_url(), detail: process::last_lines(&stderr, 2) };
         }
         if network.iter().any(|pattern| stderr.contains(pattern)) {
-            return GitError::Unreachable { url: self.url.clone(), detail: process::last_lines(&stderr, 2) };
+            return GitError::Unreachable { url: self.shown_url(), detail: process::last_lines(&stderr, 2) };
         }
         GitError::Command(error)
     }
@@ -227,7 +275,7 @@ impl GitMirror {
             remove_path(&fresh)?;
             return Err(match self.classify(error) {
                 GitError::Command(error) if error.stderr().contains("not found in upstream") => {
-                    GitError::BranchMissing { url: self.url.clone(), branch: self.branch.clone() }
+                    GitError::BranchMissing { url: self.shown_url(), branch: self.branch.clone() }
                 }
                 other => other,
             });
@@ -242,7 +290,7 @@ impl GitMirror {
             remove_path(&self.checkout)?;
         }
         std::fs::rename(&fresh, &self.checkout).map_err(|source| GitError::Io { action: "rename", path: fresh.clone(), source })?;
-        tracing::info!(checkout = %self.checkout.display(), url = %self.url, branch = %self.branch, "cloned the device branch");
+        tracing::info!(checkout = %self.checkout.display(), url = %self.shown_url(), branch = %self.branch, "cloned the device branch");
         Ok(())
     }
 
@@ -323,6 +371,17 @@ impl GitMirror {
     }
 }
 
+/// Returns the SHA256 fingerprint of the host key that ssh reports the
+/// server sent, or a note that ssh did not print one (a key of a type with
+/// no pinned key).
+fn offered_fingerprint(stderr: &str) -> String {
+    stderr
+        .split_whitespace()
+        .map(|word| word.trim_end_matches('.'))
+        .find(|word| word.starts_with("SHA256:"))
+        .map_or_else(|| "of a type with no pinned key".to_string(), str::to_string)
+}
+
 /// Removes lock files that a process killed in the middle of a git command
 /// leaves behind. Only the agent runs git in this clone, and it runs one
 /// command at a time, so a lock found before a command starts is stale.
@@ -360,4 +419,59 @@ fn remove_path(path: &Path) -> Result<(), GitError> {
         Ok(_) => std::fs::remove_file(path),
     };
     result.map_err(|source| GitError::Io { action: "remove", path: path.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn mirror(url: &str) -> GitMirror {
+        GitMirror {
+            url: url.to_string(),
+            branch: "device-0001".into(),
+            checkout: PathBuf::from("/srv/eventpi/stack"),
+            timeout: Duration::from_secs(5),
+            known_good_bundle: PathBuf::from("/srv/eventpi/known-good.bundle"),
+            access: GitAccess::default(),
+        }
+    }
+
+    fn failed(stderr: &str) -> ProcessError {
+        ProcessError::Failed { command: "git fetch".into(), status: std::process::ExitStatus::from_raw(128 << 8), stdout: String::new(), stderr: stderr.into() }
+    }
+
+    #[test]
+    fn changed_host_key_is_its_own_error() {
+        let stderr = "The fingerprint for the ED25519 key sent by the remote host is\nSHA256:Fw6AEoPhmep4u7IrvAzF1ZN4Fju615ywmJ7UHyr3Krs.\nHost key verification failed.\nfatal: Could not read from remote repository.\n";
+
+        let error = mirror("ssh://git@127.0.0.1:2222/stack.git").classify(failed(stderr));
+
+        let GitError::HostKeyChanged { server, fingerprint } = &error else { panic!("not a host key error: {error}") };
+        assert_eq!(server, "[127.0.0.1]:2222");
+        assert_eq!(fingerprint, "SHA256:Fw6AEoPhmep4u7IrvAzF1ZN4Fju615ywmJ7UHyr3Krs");
+        assert!(error.needs_attention());
+        assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn refused_deploy_key_is_access_denied() {
+        let stderr = "git@127.0.0.1: Permission denied (publickey).\nfatal: Could not read from remote repository.\n";
+
+        let error = mirror("ssh://git@127.0.0.1:2222/stack.git").classify(failed(stderr));
+
+        assert!(matches!(error, GitError::AccessDenied { .. }), "{error}");
+        assert!(error.needs_attention());
+    }
+
+    #[test]
+    fn refused_connection_is_unreachable() {
+        let stderr = "ssh: connect to host 127.0.0.1 port 2222: Connection refused\nfatal: Could not read from remote repository.\n";
+
+        let error = mirror("ssh://git@127.0.0.1:2222/stack.git").classify(failed(stderr));
+
+        assert!(matches!(error, GitError::Unreachable { .. }), "{error}");
+        assert!(!error.needs_attention());
+    }
 }

@@ -5,9 +5,11 @@
 pub mod compose;
 pub mod docker;
 pub mod git;
+pub mod git_auth;
 pub mod health;
 pub mod host;
 pub mod host_script;
 pub mod process;
 pub mod ssh;
+pub mod signing;
 pub mod stack;

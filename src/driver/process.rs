@@ -4,6 +4,10 @@
 //! Each command runs in a process group of its own. On timeout, or when the
 //! future is dropped because the agent stops, the whole group gets SIGTERM and,
 //! two seconds later, SIGKILL, so no child outlives the agent.
+//!
+//! Command lines and captured output are redacted before they reach an error
+//! or a log: credentials in URLs, and every secret registered with
+//! [`CommandSpec::secret`], print as `***`. The environment is never printed.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -15,6 +19,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
+
+use crate::secret::{self, Secret};
 
 /// Output kept from each stream; the end of a long output is what explains a
 /// failure, so the tail is kept.
@@ -60,11 +66,13 @@ pub struct CommandSpec {
     pub directory: Option<PathBuf>,
     pub environment: Vec<(String, String)>,
     pub timeout: Duration,
+    /// Values that must not appear in the command line or output as printed.
+    pub secrets: Vec<Secret>,
 }
 
 impl CommandSpec {
     pub fn new(program: impl Into<String>, timeout: Duration) -> Self {
-        CommandSpec { program: program.into(), arguments: Vec::new(), directory: None, environment: Vec::new(), timeout }
+        CommandSpec { program: program.into(), arguments: Vec::new(), directory: None, environment: Vec::new(), timeout, secrets: Vec::new() }
     }
 
     pub fn arg(mut self, argument: impl Into<OsString>) -> Self {
@@ -91,14 +99,27 @@ impl CommandSpec {
         self
     }
 
-    /// Returns the command line as text for logs and errors.
+    /// Registers a value that the command may receive (in its environment)
+    /// and that must print as `***` in its command line and output.
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.secrets.push(secret);
+        self
+    }
+
+    /// Returns the command line as text for logs and errors, with URL
+    /// credentials and registered secrets replaced by `***`.
     pub fn display(&self) -> String {
         let mut line = self.program.clone();
         for argument in &self.arguments {
             line.push(' ');
             line.push_str(&argument.to_string_lossy());
         }
-        line
+        self.redact(&line)
+    }
+
+    /// Returns `text` with URL credentials and registered secrets replaced.
+    pub fn redact(&self, text: &str) -> String {
+        secret::redact(text, &self.secrets)
     }
 }
 
@@ -108,7 +129,8 @@ impl fmt::Debug for CommandSpec {
     }
 }
 
-/// Output of a finished command.
+/// Output of a finished command. Standard error is redacted; standard
+/// output is data for the caller and stays as the command wrote it.
 #[derive(Debug, Clone)]
 pub struct Output {
     pub stdout: String,
@@ -185,7 +207,9 @@ pub async fn run(spec: &CommandSpec) -> Result<Output, ProcessError> {
     group.disarm();
 
     let status = status.map_err(|source| ProcessError::Spawn { command: spec.display(), source })?;
+    let stderr = spec.redact(&stderr);
     if !status.success() {
+        let stdout = spec.redact(&stdout);
         return Err(ProcessError::Failed { command: spec.display(), status, stdout, stderr });
     }
     Ok(Output { stdout, stderr })
@@ -307,6 +331,30 @@ mod tests {
         let output = run(&spec).await.unwrap();
 
         assert_eq!(output.stdout, "done\n");
+    }
+
+    #[tokio::test]
+    async fn failure_message_hides_secrets() {
+        let spec = CommandSpec::new("sh", Duration::from_secs(5))
+            .args(["-c", "echo \"fatal: https://device:$TOKEN@git.example.invalid/r.git and $TOKEN\" >&2; exit 1"])
+            .arg("https://device:tok-123@git.example.invalid/r.git")
+            .env("TOKEN", "tok-123")
+            .secret(Secret::new("tok-123"));
+
+        let error = run(&spec).await.unwrap_err();
+
+        let message = error.to_string();
+        assert!(!message.contains("tok-123"), "{message}");
+        assert!(!error.stderr().contains("tok-123"), "{}", error.stderr());
+        assert!(message.contains("https://***@git.example.invalid/r.git"), "{message}");
+    }
+
+    #[test]
+    fn display_hides_url_credentials() {
+        let spec = CommandSpec::new("git", Duration::from_secs(5)).args(["clone", "https://oauth2:tok-456@git.example.invalid/r.git"]);
+
+        assert_eq!(spec.display(), "git clone https://***@git.example.invalid/r.git");
+        assert_eq!(format!("{spec:?}"), "git clone https://***@git.example.invalid/r.git");
     }
 
     #[tokio::test]

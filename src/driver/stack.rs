@@ -16,6 +16,7 @@ use crate::driver::docker::{Engine, EngineError};
 use crate::driver::git::GitMirror;
 use crate::driver::health::{self, GateSettings};
 use crate::driver::process::{self, CommandSpec};
+use crate::driver::signing::SignaturePolicy;
 use crate::failpoint::{self, Point};
 use crate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord};
 use crate::journal::{JournalError, Record};
@@ -49,6 +50,8 @@ pub struct DriverSettings {
     pub factory_reset_command: Vec<String>,
     pub factory_reset_timeout: Duration,
     pub machine: StackSettings,
+    /// Set when only signed commits may be applied.
+    pub signatures: Option<SignaturePolicy>,
 }
 
 /// Errors that stop the stack driver.
@@ -356,11 +359,22 @@ impl StackDriver {
                 tracing::debug!(machine = "stack", tip = %tip.short(), "fetched the device branch");
                 StackEvents::TipFetched(tip)
             }
+            Err(error) if error.needs_attention() => StackEvents::FetchFailed(Failure::attention(error.to_string())),
             Err(error) => StackEvents::FetchFailed(Failure::transient(error.to_string())),
         }
     }
 
     async fn validate(&mut self, commit: CommitId) -> StackEvents {
+        if let Some(policy) = &self.settings.signatures {
+            match policy.check(&self.git, commit).await {
+                Ok(signer) => {
+                    tracing::info!(machine = "stack", commit = %commit.short(), signer = signer.principal, key = signer.fingerprint, "commit signature verified");
+                }
+                Err(error) if error.is_rejection() => return StackEvents::Invalid(Failure::rejected(format!("commit {}: {error}", commit.short()))),
+                Err(error) => return StackEvents::Invalid(Failure::local(format!("commit {}: {error}", commit.short()))),
+            }
+        }
+
         let staging_root = self.settings.state_directory.join("staging");
         let staging = staging_root.join(commit.to_string());
         let _ = std::fs::remove_dir_all(&staging_root);
@@ -597,6 +611,7 @@ fn notices_for(step: &Step, memory: &StackMemory) -> Vec<Notice> {
             (StackEvent::ResetFailed, _) => (Severity::Error, "factory-reset-failed"),
             (_, FailureKind::Rejected) => (Severity::Warning, "commit-rejected"),
             (_, FailureKind::Local) => (Severity::Error, "device-problem"),
+            (_, FailureKind::Attention) => (Severity::Error, "needs-attention"),
             (_, FailureKind::Transient) => (Severity::Warning, "server-unreachable"),
         };
         let first_of_streak = failure.kind != FailureKind::Transient || memory.transient_failures <= 1;

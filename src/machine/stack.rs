@@ -52,6 +52,7 @@ crate::define_machine! {
         Fetching + TipFetched(CommitId) [is_rejected_tip] / skip_rejected = Idle,
         Fetching + TipFetched(CommitId) [is_pending_tip] / return_to_ready = Ready,
         Fetching + TipFetched(CommitId) / start_attempt = Validating,
+        Fetching + FetchFailed(Failure) [needs_person] / retry_needing_attention = Idle,
         Fetching + FetchFailed(Failure) / retry_later = Idle,
         Fetching + Resumed [can_resume] / refetch = Fetching,
         Fetching + Resumed [!can_resume] / abandon_after_crashes = Idle,
@@ -250,6 +251,16 @@ impl StackContext {
         }
     }
 
+    /// Clears a needs-attention reason that a failed fetch set, once a fetch
+    /// succeeds. A reason from a failed factory reset stays: it is the one
+    /// [`Outcome::GaveUp`] carries.
+    fn clear_fetch_attention(&mut self) {
+        let gave_up = matches!(&self.memory.last_outcome, Some(Outcome::GaveUp { reason }) if self.memory.needs_attention.as_ref() == Some(reason));
+        if !gave_up {
+            self.memory.needs_attention = None;
+        }
+    }
+
     fn end_attempt(&mut self) {
         self.memory.attempt = None;
         self.memory.resumes = 0;
@@ -300,6 +311,10 @@ impl StackStateMachineContext for StackContext {
         Ok(failure.kind == FailureKind::Rejected)
     }
 
+    fn needs_person(&self, failure: &Failure) -> Result<bool, ()> {
+        Ok(failure.kind == FailureKind::Attention)
+    }
+
     fn has_known_good(&self, _failure: &Failure) -> Result<bool, ()> {
         Ok(self.memory.known_good.is_some())
     }
@@ -332,18 +347,21 @@ impl StackStateMachineContext for StackContext {
 
     fn settle_running(&mut self, _tip: CommitId) -> ActionResult {
         self.memory.transient_failures = 0;
+        self.clear_fetch_attention();
         self.end_attempt();
         Ok(())
     }
 
     fn skip_rejected(&mut self, _tip: CommitId) -> ActionResult {
         self.memory.transient_failures = 0;
+        self.clear_fetch_attention();
         self.end_attempt();
         Ok(())
     }
 
     fn return_to_ready(&mut self, tip: CommitId) -> ActionResult {
         self.memory.transient_failures = 0;
+        self.clear_fetch_attention();
         let pulled_on_boot = self.memory.attempt.as_ref().and_then(|attempt| attempt.pulled_on_boot);
         self.commands.push(StackCommand::AwaitPolicy { commit: tip, pulled_on_boot });
         Ok(())
@@ -351,6 +369,7 @@ impl StackStateMachineContext for StackContext {
 
     fn start_attempt(&mut self, tip: CommitId) -> ActionResult {
         self.memory.transient_failures = 0;
+        self.clear_fetch_attention();
         self.memory.attempts_started += 1;
         self.memory.resumes = 0;
         self.memory.attempt = Some(Attempt {
@@ -369,6 +388,15 @@ impl StackStateMachineContext for StackContext {
         self.memory.resumes = 0;
         self.commands.push(StackCommand::BackOff { failures: self.memory.transient_failures });
         Ok(())
+    }
+
+    /// Backs off like [`Self::retry_later`] and marks the device as needing
+    /// attention, unless a failed factory reset already did.
+    fn retry_needing_attention(&mut self, failure: Failure) -> ActionResult {
+        if self.memory.needs_attention.is_none() {
+            self.memory.needs_attention = Some(failure.message.clone());
+        }
+        self.retry_later(failure)
     }
 
     fn abandon_after_crashes(&mut self) -> ActionResult {
@@ -794,6 +822,41 @@ mod tests {
         assert_eq!(&states[..5], &[StackState::Applying; 5]);
         assert_eq!(states[5], StackState::Reverting);
         assert!(!states[6..].contains(&StackState::Applying));
+    }
+
+    #[test]
+    fn changed_host_key_needs_attention_until_fetch_works() {
+        let mut machine = fresh();
+        run(&mut machine, update_events(1));
+        run(&mut machine, vec![StackEvents::Poll]);
+
+        let failed = machine.handle(StackEvents::FetchFailed(Failure::attention("host key changed")), facts()).unwrap();
+        let attention = machine.memory().needs_attention.clone();
+        let again = run(&mut machine, vec![StackEvents::Poll, StackEvents::FetchFailed(Failure::attention("host key changed"))]);
+        let fixed = run(&mut machine, vec![StackEvents::Poll, StackEvents::TipFetched(commit(1))]);
+
+        assert_eq!(failed.to, StackState::Idle);
+        assert_eq!(failed.commands, vec![StackCommand::BackOff { failures: 1 }]);
+        assert_eq!(attention.as_deref(), Some("host key changed"));
+        assert_eq!(again[1].2, StackState::Idle);
+        assert_eq!(fixed[1].2, StackState::Idle);
+        assert_eq!(machine.memory().needs_attention, None);
+        assert_eq!(machine.memory().running, Some(release(1)), "the running release is untouched");
+    }
+
+    #[test]
+    fn fetch_success_keeps_factory_reset_attention() {
+        let memory = StackMemory {
+            needs_attention: Some("factory reset failed: x".into()),
+            last_outcome: Some(Outcome::GaveUp { reason: "factory reset failed: x".into() }),
+            ..StackMemory::default()
+        };
+        let mut machine = StackMachine::restore(StackState::Idle, memory, StackSettings::default());
+
+        run(&mut machine, vec![StackEvents::Poll, StackEvents::FetchFailed(Failure::attention("host key changed"))]);
+        run(&mut machine, vec![StackEvents::Poll, StackEvents::TipFetched(commit(1))]);
+
+        assert_eq!(machine.memory().needs_attention.as_deref(), Some("factory reset failed: x"));
     }
 
     #[test]

@@ -73,14 +73,68 @@ pub struct Registry {
     pub port: u16,
     directory: TempDir,
     child: Option<Child>,
+    auth: Option<RegistryAuth>,
+}
+
+/// Basic authentication of a test registry: an htpasswd file on the
+/// registry's side, and a Docker client configuration, of this registry
+/// alone, that pushes log in with.
+struct RegistryAuth {
+    username: String,
+    password: String,
+    docker_config: PathBuf,
 }
 
 impl Registry {
     pub fn start() -> Registry {
         let directory = tempfile::tempdir().expect("temporary directory");
-        let mut registry = Registry { port: free_port(), directory, child: None };
+        let mut registry = Registry { port: free_port(), directory, child: None, auth: None };
         registry.resume();
         registry
+    }
+
+    /// Starts a registry that requires HTTP basic authentication (htpasswd,
+    /// bcrypt) over plain HTTP on its loopback port, and logs the test's own
+    /// Docker client configuration in to it for pushes.
+    pub fn start_with_auth(username: &str, password: &str) -> Registry {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let htpasswd = run("htpasswd", &["-Bbn", username, password]);
+        fs::write(directory.path().join("htpasswd"), htpasswd).unwrap();
+        let docker_config = directory.path().join("docker-client");
+        fs::create_dir_all(&docker_config).unwrap();
+        let auth = RegistryAuth { username: username.to_string(), password: password.to_string(), docker_config };
+        let mut registry = Registry { port: free_port(), directory, child: None, auth: Some(auth) };
+        registry.resume();
+
+        let login = Command::new("docker")
+            .args(["login", "--username", username, "--password-stdin", &registry.address()])
+            .env("DOCKER_CONFIG", &registry.auth.as_ref().unwrap().docker_config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run docker login");
+        let mut login = login;
+        login.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+        let output = login.wait_with_output().unwrap();
+        assert!(output.status.success(), "docker login failed: {}", String::from_utf8_lossy(&output.stderr));
+        registry
+    }
+
+    /// Pushes a local image to this registry, logged in when it needs it.
+    pub fn push(&self, reference: &str) {
+        let mut command = Command::new("docker");
+        command.args(["push", "--quiet", reference]).stdin(Stdio::null());
+        if let Some(auth) = &self.auth {
+            command.env("DOCKER_CONFIG", &auth.docker_config);
+        }
+        let output = command.output().expect("run docker push");
+        assert!(output.status.success(), "docker push {reference} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Returns the registry's log: its access log lists every request.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.directory.path().join("registry.log")).unwrap_or_default()
     }
 
     pub fn address(&self) -> String {
@@ -93,10 +147,14 @@ impl Registry {
         let config = self.directory.path().join("config.yml");
         let storage = self.directory.path().join("storage");
         let log = self.directory.path().join("registry.log");
+        let auth = match &self.auth {
+            Some(_) => format!("auth:\n  htpasswd:\n    realm: eventpi-test\n    path: {}\n", self.directory.path().join("htpasswd").display()),
+            None => String::new(),
+        };
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n{auth}",
                 storage.display(),
                 self.port
             ),
@@ -127,8 +185,15 @@ impl Registry {
     /// from its `Docker-Content-Digest` header.
     pub fn manifest_digest(&self, name: &str, tag: &str) -> String {
         let mut stream = TcpStream::connect(self.address()).expect("connect to the registry");
+        let authorization = match &self.auth {
+            Some(auth) => {
+                let pair = format!("{}:{}", auth.username, auth.password);
+                format!("Authorization: Basic {}\r\n", base64_encode(pair.as_bytes()))
+            }
+            None => String::new(),
+        };
         let request = format!(
-            "HEAD /v2/{name}/manifests/{tag} HTTP/1.1\r\nHost: {}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n",
+            "HEAD /v2/{name}/manifests/{tag} HTTP/1.1\r\nHost: {}\r\n{authorization}Accept: application/vnd.docker.distribution.manifest.v2+json\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n",
             self.address()
         );
         stream.write_all(request.as_bytes()).unwrap();
@@ -160,6 +225,23 @@ impl Drop for Registry {
             }
         }
     }
+}
+
+/// Encodes `bytes` as standard base64 with padding.
+pub fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::new();
+    for chunk in bytes.chunks(3) {
+        let value = chunk.iter().enumerate().fold(0u32, |value, (index, byte)| value | u32::from(*byte) << (16 - 8 * index));
+        for index in 0..4 {
+            if index <= chunk.len() {
+                text.push(ALPHABET[(value >> (18 - 6 * index) & 63) as usize] as char);
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
 }
 
 /// `git daemon` serving the bare repositories in a temporary directory.
@@ -223,6 +305,124 @@ impl Drop for GitServer {
     }
 }
 
+/// Creates an ed25519 key pair without a passphrase at `path` and
+/// `path.pub`, and returns the public key as `type base64`.
+pub fn generate_ssh_key(path: &Path, comment: &str) -> String {
+    run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path.to_str().unwrap()]);
+    public_key(path)
+}
+
+/// Returns the public key of the pair at `path` as `type base64`.
+pub fn public_key(path: &Path) -> String {
+    let text = fs::read_to_string(path.with_extension("pub")).expect("read the public key");
+    text.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// Debian's OpenSSH server on a loopback port, started as a plain process
+/// with its own host key and configuration. It accepts one deploy key for
+/// the user running the tests, and git runs over it with that user's rights.
+pub struct SshServer {
+    pub port: u16,
+    pub directory: TempDir,
+    /// Private deploy key that the server accepts.
+    pub deploy_key: PathBuf,
+    child: Option<Child>,
+}
+
+impl SshServer {
+    pub fn start() -> SshServer {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let deploy_key = directory.path().join("deploy_key");
+        let deploy_public = generate_ssh_key(&deploy_key, "eventpi-test-deploy");
+        fs::write(directory.path().join("authorized_keys"), format!("restrict {deploy_public}\n")).unwrap();
+        let mut server = SshServer { port: free_port(), directory, deploy_key, child: None };
+        server.regenerate_host_key();
+        server.resume();
+        server
+    }
+
+    fn host_key_path(&self) -> PathBuf {
+        self.directory.path().join("ssh_host_ed25519_key")
+    }
+
+    /// Returns the public host key as `type base64`.
+    pub fn host_key(&self) -> String {
+        public_key(&self.host_key_path())
+    }
+
+    /// Replaces the host key with a new one; a running server uses it from
+    /// the next connection.
+    pub fn regenerate_host_key(&mut self) {
+        let path = self.host_key_path();
+        let _ = fs::remove_file(&path);
+        let _ = fs::remove_file(path.with_extension("pub"));
+        generate_ssh_key(&path, "eventpi-test-host");
+    }
+
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "sshd already running");
+        let user = run("id", &["-un"]).trim().to_string();
+        if user == "root" {
+            // sshd started by root needs its privilege separation directory,
+            // which Debian's service unit creates.
+            fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        }
+
+        let config = self.directory.path().join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowUsers {user}\nLogLevel VERBOSE\n",
+                self.port,
+                self.host_key_path().display(),
+                self.directory.path().join("authorized_keys").display(),
+            ),
+        )
+        .unwrap();
+
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.directory.path().join("sshd.log")).unwrap();
+        // sshd re-executes itself, so it needs its absolute path.
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f", config.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start /usr/sbin/sshd; run scripts/setup-host.sh first");
+        self.child = Some(child);
+        let address = format!("127.0.0.1:{}", self.port);
+        wait_until("sshd to listen", Duration::from_secs(20), None, || TcpStream::connect(&address).is_ok());
+    }
+
+    /// Stops the server and the session processes it forked.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill_group(child);
+        }
+        let address = format!("127.0.0.1:{}", self.port);
+        wait_until("sshd port to close", Duration::from_secs(10), None, || TcpStream::connect(&address).is_err());
+    }
+
+    /// Returns the `ssh://` URL of a repository at an absolute path.
+    pub fn url(&self, repository: &Path) -> String {
+        let user = run("id", &["-un"]).trim().to_string();
+        format!("ssh://{user}@127.0.0.1:{}{}", self.port, repository.display())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.directory.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill_group(child);
+        }
+    }
+}
+
 /// Kills a child started with `process_group(0)` together with its group.
 fn kill_group(mut child: Child) {
     // SAFETY: kill(2) on the child's own process group.
@@ -243,8 +443,13 @@ pub struct StackRepo {
 impl StackRepo {
     /// Creates `<server base>/stack.git` and an empty work tree on `branch`.
     pub fn create(server: &GitServer, branch: &str) -> StackRepo {
-        let bare = server.base.path().join("stack.git");
-        let work = server.base.path().join("work");
+        StackRepo::create_in(server.base.path(), branch)
+    }
+
+    /// Creates `<base>/stack.git` and an empty work tree on `branch`.
+    pub fn create_in(base: &Path, branch: &str) -> StackRepo {
+        let bare = base.join("stack.git");
+        let work = base.join("work");
         run("git", &["init", "--quiet", "--bare", "--initial-branch=main", bare.to_str().unwrap()]);
         run("git", &["init", "--quiet", &format!("--initial-branch={branch}"), work.to_str().unwrap()]);
         let repo = StackRepo { bare, work, branch: branch.to_string() };
@@ -267,6 +472,21 @@ impl StackRepo {
         }
         self.git(&["add", "--all"]);
         self.git(&["commit", "--quiet", "--allow-empty", "-m", message]);
+        self.push();
+        self.head()
+    }
+
+    /// Like [`StackRepo::commit`], with an SSH signature by the private key
+    /// at `key`.
+    pub fn commit_signed(&self, message: &str, files: &[(&str, &str)], key: &Path) -> String {
+        for (name, content) in files {
+            let path = self.work.join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, content).unwrap();
+        }
+        self.git(&["add", "--all"]);
+        let signing_key = format!("user.signingkey={}", key.display());
+        self.git(&["-c", "gpg.format=ssh", "-c", &signing_key, "commit", "--quiet", "--allow-empty", "--gpg-sign", "-m", message]);
         self.push();
         self.head()
     }
@@ -340,7 +560,7 @@ pub fn push_image(registry: &Registry, name: &str, tag: &str, behaviour: Behavio
     )
     .unwrap();
     run("docker", &["build", "--quiet", "--tag", &reference, context.path().to_str().unwrap()]);
-    run("docker", &["push", "--quiet", &reference]);
+    registry.push(&reference);
     reference
 }
 
@@ -433,6 +653,18 @@ impl Agent {
     pub fn with_binary(mut self, binary: PathBuf) -> Agent {
         self.binary = binary;
         self
+    }
+
+    /// Appends `text` to the configuration file, for sections such as
+    /// `[git]` or `[[registry]]`.
+    pub fn append_config(&self, text: &str) {
+        let mut file = fs::OpenOptions::new().append(true).open(&self.config).unwrap();
+        file.write_all(format!("\n{text}\n").as_bytes()).unwrap();
+    }
+
+    /// Returns the bytes of the journal file, empty when it does not exist.
+    pub fn journal_bytes(&self) -> Vec<u8> {
+        fs::read(self.journal.join("journal.bin")).unwrap_or_default()
     }
 
     pub fn with_env(mut self, key: &str, value: &str) -> Agent {
@@ -770,7 +1002,7 @@ pub fn push_large_image(registry: &Registry, name: &str, tag: &str, megabytes: u
     )
     .unwrap();
     run("docker", &["build", "--quiet", "--tag", &reference, context.path().to_str().unwrap()]);
-    run("docker", &["push", "--quiet", &reference]);
+    registry.push(&reference);
     // Without a local copy of its layers, a pull has to download them.
     run("docker", &["rmi", &reference]);
     reference
