@@ -22,6 +22,9 @@ pub struct Config {
     pub stack: StackConfig,
     pub panel: PanelConfig,
     pub seams: SeamsConfig,
+    /// Settings that still work but should be rewritten, such as a key that
+    /// moved.
+    pub warnings: Vec<Problem>,
 }
 
 /// `[agent]`: identity, logging and local working files.
@@ -84,14 +87,93 @@ pub struct DockerConfig {
     pub compose_command: Option<Vec<String>>,
 }
 
-/// When a pulled commit may be applied.
+/// When a pulled update may be applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ApplyPolicy {
+pub enum PolicyKind {
     /// As soon as the images are pulled.
     Immediate,
     /// Only after the device booted again since the pull.
     OnBoot,
+    /// Only inside one of the maintenance windows, with a synchronised clock.
+    Window,
+}
+
+/// The apply policy table of an update process, such as `[stack.apply]`.
+///
+/// TODO: `[self_update.apply]` and `[host_patch.apply]` take this same table
+/// once those processes exist; `ApplyConfig::policy` and
+/// `driver::apply_gate` are written for any process.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ApplyConfig {
+    /// Default: `immediate`.
+    pub policy: Option<PolicyKind>,
+    /// Daily windows as `"HH:MM-HH:MM Area/City"`, used by `policy = "window"`.
+    pub windows: Vec<String>,
+    /// Files that hold the update lock while they exist, for example on a
+    /// volume shared with the applications.
+    pub lock_files: Vec<PathBuf>,
+    /// A label key: a running container that carries it holds the update lock.
+    pub lock_label: Option<String>,
+    /// Time update locks may defer an update, summed over boots, before it is
+    /// applied anyway.
+    #[serde(deserialize_with = "duration")]
+    pub max_deferral: Duration,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig { policy: None, windows: Vec::new(), lock_files: Vec::new(), lock_label: None, max_deferral: Duration::from_secs(24 * 3600) }
+    }
+}
+
+impl ApplyConfig {
+    /// Builds the policy, or returns each problem as the key inside the table
+    /// and its message.
+    pub fn policy(&self) -> Result<crate::policy::ApplyPolicy, Vec<(&'static str, String)>> {
+        use crate::policy::{ApplyPolicy, Timing, Window};
+
+        let mut problems = Vec::new();
+        let mut windows = Vec::new();
+        for text in &self.windows {
+            match text.parse::<Window>() {
+                Ok(window) => windows.push(window),
+                Err(error) => problems.push(("windows", error.to_string())),
+            }
+        }
+        let kind = self.policy.unwrap_or(PolicyKind::Immediate);
+        if kind == PolicyKind::Window && self.windows.is_empty() {
+            problems.push(("windows", "policy \"window\" needs at least one window, for example [\"02:00-04:00 Europe/Warsaw\"]".to_string()));
+        }
+        if kind != PolicyKind::Window && !self.windows.is_empty() {
+            problems.push(("windows", "windows are used only with policy = \"window\"; set the policy or remove the windows".to_string()));
+        }
+        for file in &self.lock_files {
+            if !file.is_absolute() {
+                problems.push(("lock_files", format!("{} must be an absolute path", file.display())));
+            }
+        }
+        if let Some(label) = &self.lock_label {
+            let valid = !label.is_empty() && label.chars().all(|character| character.is_ascii_alphanumeric() || "._-/".contains(character));
+            if !valid {
+                problems.push(("lock_label", format!("{label:?} is not a label key: use letters, digits, '.', '-', '_' and '/', for example \"eventpi.update-lock\"")));
+            }
+        }
+        if self.max_deferral.is_zero() {
+            problems.push(("max_deferral", "must be longer than zero; to ignore update locks, remove lock_files and lock_label".to_string()));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+
+        let timing = match kind {
+            PolicyKind::Immediate => Timing::Immediate,
+            PolicyKind::OnBoot => Timing::OnBoot,
+            PolicyKind::Window => Timing::Windows(windows),
+        };
+        Ok(ApplyPolicy { timing, max_deferral: self.max_deferral })
+    }
 }
 
 /// `[stack]`: the device branch and how to run it.
@@ -128,8 +210,14 @@ pub struct StackConfig {
     /// probation window before the gate fails.
     #[serde(default = "default_health_grace", deserialize_with = "duration")]
     pub health_grace: Duration,
-    #[serde(default = "default_policy")]
-    pub apply_policy: ApplyPolicy,
+    /// When a pulled commit may be applied, and which locks defer it.
+    #[serde(default)]
+    pub apply: ApplyConfig,
+    /// The former place of `stack.apply.policy`. `Config::parse` moves a value
+    /// found here into `apply.policy` and adds a warning, so this is `None`
+    /// in a parsed configuration.
+    #[serde(default)]
+    pub apply_policy: Option<PolicyKind>,
     /// Agent restarts allowed in one attempt before it takes the failure path.
     #[serde(default = "default_max_resumes")]
     pub max_resumes: u32,
@@ -171,9 +259,6 @@ fn default_probation() -> Duration {
 }
 fn default_health_grace() -> Duration {
     Duration::from_secs(120)
-}
-fn default_policy() -> ApplyPolicy {
-    ApplyPolicy::Immediate
 }
 fn default_max_resumes() -> u32 {
     5
@@ -221,11 +306,16 @@ impl Default for PanelConfig {
 pub struct SeamsConfig {
     /// File holding the kernel's boot id as a UUID.
     pub boot_id_file: PathBuf,
+    /// For tests only: a file whose content sets the wall time and whether the
+    /// clock counts as synchronised, read on every look at the clock, as
+    /// `2025-06-10T12:00:00Z synced` or `... unsynced`. Monotonic time stays
+    /// the kernel's. Default: the system clock and the kernel's time-sync flag.
+    pub clock_file: Option<PathBuf>,
 }
 
 impl Default for SeamsConfig {
     fn default() -> Self {
-        SeamsConfig { boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id") }
+        SeamsConfig { boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id"), clock_file: None }
     }
 }
 
@@ -324,7 +414,8 @@ impl Config {
         let mut problems = sections.problems;
         match (agent, journal, docker, stack, panel, seams) {
             (Some(agent), Some(journal), Some(docker), Some(stack), Some(panel), Some(seams)) if problems.is_empty() => {
-                let config = Config { agent, journal, docker, stack, panel, seams };
+                let mut config = Config { agent, journal, docker, stack, panel, seams, warnings: Vec::new() };
+                problems.extend(config.migrate(text));
                 problems.extend(config.check(text));
                 if problems.is_empty() { Ok(config) } else { Err(problems) }
             }
@@ -338,6 +429,25 @@ impl Config {
             Some(parent) => parent.join("state"),
             None => PathBuf::from("/var/lib/eventpi-autoupdate/state"),
         })
+    }
+
+    /// Moves settings from their former keys to their current ones, adding a
+    /// warning for each, and returns the conflicts it finds.
+    fn migrate(&mut self, text: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Some(kind) = self.stack.apply_policy.take() {
+            let key = "stack.apply_policy";
+            let line = line_of_key(text, key);
+            if self.stack.apply.policy.is_some() {
+                let message = "is replaced by stack.apply.policy, which is set too; remove stack.apply_policy".to_string();
+                problems.push(Problem { key: key.into(), line, message });
+            } else {
+                self.stack.apply.policy = Some(kind);
+                let message = "is replaced by `policy` in [stack.apply]; it is still read, but move it there".to_string();
+                self.warnings.push(Problem { key: key.into(), line, message });
+            }
+        }
+        problems
     }
 
     /// Checks values that parse but cannot work.
@@ -383,6 +493,11 @@ impl Config {
         if stack.poll_jitter_percent > 50 {
             report("stack.poll_jitter_percent", format!("{} is above the maximum of 50", stack.poll_jitter_percent));
         }
+        if let Err(apply_problems) = stack.apply.policy() {
+            for (key, message) in apply_problems {
+                report(&format!("stack.apply.{key}"), message);
+            }
+        }
         if stack.retry_backoff_max < stack.retry_backoff_min {
             report("stack.retry_backoff_max", "must not be shorter than stack.retry_backoff_min".into());
         }
@@ -404,6 +519,11 @@ impl Config {
         if let Some(platform) = &self.docker.platform {
             if crate::platform::Platform::parse(platform).is_none() {
                 report("docker.platform", format!("{platform:?} is not a platform: write os/arch or os/arch/variant, for example linux/arm64"));
+            }
+        }
+        if let Some(clock_file) = &self.seams.clock_file {
+            if !clock_file.is_absolute() {
+                report("seams.clock_file", format!("{} must be an absolute path", clock_file.display()));
             }
         }
         if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
@@ -530,7 +650,8 @@ checkout = "/srv/eventpi/stack"
 
         assert_eq!(config.stack.poll_interval, Duration::from_secs(60));
         assert_eq!(config.stack.compose_files, vec!["compose.yaml".to_string()]);
-        assert_eq!(config.stack.apply_policy, ApplyPolicy::Immediate);
+        assert_eq!(config.stack.apply.policy, None);
+        assert_eq!(config.stack.apply.policy().unwrap().timing, crate::policy::Timing::Immediate);
         assert_eq!(config.state_directory(), PathBuf::from("/var/lib/eventpi/state"));
     }
 
@@ -595,5 +716,70 @@ checkout = "/srv/eventpi/stack"
         let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
 
         assert_eq!(keys, vec!["stack.branch", "stack.checkout", "stack.project"]);
+    }
+    #[test]
+    fn window_policy_is_read() {
+        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Europe/Warsaw\"]\nlock_files = [\"/srv/shared/update.lock\"]\nlock_label = \"eventpi.update-lock\"\nmax_deferral = \"6h\"\n");
+
+        let config = Config::parse(&text).unwrap();
+        let policy = config.stack.apply.policy().unwrap();
+
+        assert!(matches!(&policy.timing, crate::policy::Timing::Windows(windows) if windows.len() == 1));
+        assert_eq!(policy.max_deferral, Duration::from_secs(6 * 3600));
+        assert_eq!(config.stack.apply.lock_label.as_deref(), Some("eventpi.update-lock"));
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn former_apply_policy_key_is_migrated() {
+        let text = MINIMAL.replace("checkout =", "apply_policy = \"on-boot\"\ncheckout =");
+
+        let config = Config::parse(&text).unwrap();
+
+        assert_eq!(config.stack.apply.policy, Some(PolicyKind::OnBoot));
+        assert_eq!(config.stack.apply_policy, None);
+        assert_eq!(config.warnings.len(), 1);
+        assert_eq!(config.warnings[0].key, "stack.apply_policy");
+        assert_eq!(config.warnings[0].line, Some(8));
+    }
+
+    #[test]
+    fn former_and_current_policy_conflict() {
+        let text = format!("{}\n[stack.apply]\npolicy = \"immediate\"\n", MINIMAL.replace("checkout =", "apply_policy = \"on-boot\"\ncheckout ="));
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "stack.apply_policy");
+    }
+
+    #[test]
+    fn apply_problems_have_keys_and_lines() {
+        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Mars/Olympus\"]\nlock_files = [\"relative.lock\"]\nmax_deferral = \"0s\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
+
+        assert_eq!(found, vec![("stack.apply.windows", Some(12)), ("stack.apply.lock_files", Some(13)), ("stack.apply.max_deferral", Some(14))]);
+        assert!(problems[0].message.contains("Mars/Olympus"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn window_policy_without_windows_is_rejected() {
+        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "stack.apply.windows");
+    }
+
+    #[test]
+    fn clock_file_must_be_absolute() {
+        let text = format!("{MINIMAL}\n[seams]\nclock_file = \"clock.txt\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems[0].key, "seams.clock_file");
     }
 }

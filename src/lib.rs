@@ -9,9 +9,12 @@
 //!   that persists every transition before its command runs.
 //! - [`model`]: values shared by machines, journal and drivers (commit ids,
 //!   digests, releases, failures).
+//! - [`policy`]: apply policies (immediate, on-boot, maintenance windows in a
+//!   time zone, update locks), decided from facts the drivers gather.
 
 pub mod machine;
 pub mod model;
+pub mod policy;
 pub mod config;
 pub mod failpoint;
 pub mod journal;

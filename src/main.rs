@@ -110,7 +110,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {}: {warning}", file.display());
+                }
                 println!("{}: valid", file.display());
                 Ok(ExitCode::SUCCESS)
             }

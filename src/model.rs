@@ -189,6 +189,10 @@ pub enum FailureKind {
     /// The device itself is short of something (disk space, a tool): retry
     /// later and tell the operator.
     Local,
+    /// A TLS certificate check failed while the wall clock is not
+    /// synchronised, so the clock may be at fault: keep the update and retry,
+    /// without counting a failure.
+    Clock,
 }
 
 /// A failed step, in words an operator can act on.
@@ -209,6 +213,10 @@ impl Failure {
 
     pub fn local(message: impl Into<String>) -> Self {
         Failure { kind: FailureKind::Local, message: message.into() }
+    }
+
+    pub fn clock(message: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Clock, message: message.into() }
     }
 }
 

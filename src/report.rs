@@ -147,6 +147,7 @@ fn write_stack_details(text: &mut String, state: &JournalState, code: Option<u8>
             let _ = writeln!(text, "  attempt {} moving to commit {}", attempt.number, attempt.target);
         }
     }
+    write_apply_hold(text, state, code == Some(StackState::Ready.code()));
     if let Some(outcome) = &memory.last_outcome {
         let _ = writeln!(text, "  last outcome: {}", describe_outcome(outcome));
     }
@@ -155,6 +156,19 @@ fn write_stack_details(text: &mut String, state: &JournalState, code: Option<u8>
     }
     if let Some(reason) = &memory.needs_attention {
         let _ = writeln!(text, "  NEEDS ATTENTION: {reason}");
+    }
+}
+
+/// Writes why a pulled update waits, when `waiting`, and how long update
+/// locks have deferred it.
+fn write_apply_hold(text: &mut String, state: &JournalState, waiting: bool) {
+    let Some(hold) = state.apply_holds.get(&MachineKind::Stack.code()) else { return };
+    if waiting && !hold.reason.is_empty() {
+        let _ = writeln!(text, "  pulled update waits: {} (since {})", hold.reason, format_when(&hold.meta));
+    }
+    if hold.deferred_ms > 0 {
+        let deferred = humantime::format_duration(Duration::from_secs(hold.deferred_ms / 1000));
+        let _ = writeln!(text, "  update locks have deferred the pending update for {deferred}");
     }
 }
 

@@ -10,7 +10,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::ApplyPolicy;
+use crate::driver::apply_gate::{ApplyGate, LockSources};
 use crate::driver::compose::Compose;
 use crate::driver::docker::{Engine, EngineError};
 use crate::driver::git::GitMirror;
@@ -26,10 +26,16 @@ use crate::machine::stack::{
 };
 use crate::model::{CommitId, Failure, Release, ServiceImage};
 use crate::panel::{Board, Condition, Source};
+use crate::policy::ApplyPolicy;
 use crate::seams::Seams;
 
 /// A journal shared by the machines of one agent.
 pub type SharedJournal = Arc<Mutex<Journal>>;
+
+/// Time between two checks of the apply policy while a pulled commit waits.
+/// The checks read the clock, lock files and, with a lock label, the list of
+/// running containers.
+const POLICY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Name of the override file, inside the state directory.
 const OVERRIDE_FILE: &str = "pinned.override.json";
@@ -45,6 +51,7 @@ pub struct DriverSettings {
     pub probation: Duration,
     pub health_grace: Duration,
     pub apply_policy: ApplyPolicy,
+    pub update_locks: LockSources,
     pub state_directory: PathBuf,
     pub factory_reset_command: Vec<String>,
     pub factory_reset_timeout: Duration,
@@ -75,6 +82,7 @@ pub struct StackDriver {
     settings: DriverSettings,
     board: Board,
     wake: Arc<Notify>,
+    gate: ApplyGate,
 }
 
 impl StackDriver {
@@ -102,6 +110,14 @@ impl StackDriver {
             (state, journal.state().stack_memory.clone().unwrap_or_default())
         };
         let machine = StackMachine::restore(state, memory, settings.machine);
+        let gate = ApplyGate::new(
+            MachineKind::Stack,
+            settings.apply_policy.clone(),
+            settings.update_locks.clone(),
+            journal.clone(),
+            seams.clone(),
+            engine.clone(),
+        );
         StackDriver {
             machine,
             queue: VecDeque::new(),
@@ -115,6 +131,7 @@ impl StackDriver {
             settings,
             board,
             wake,
+            gate,
         }
     }
 
@@ -135,7 +152,7 @@ impl StackDriver {
         loop {
             if let Some(command) = self.queue.pop_front() {
                 failpoint::hit("stack", self.machine.state().name(), Point::BeforeCommand);
-                if let Some(event) = self.execute(command).await {
+                if let Some(event) = self.execute(command).await? {
                     self.feed(event)?;
                 }
                 continue;
@@ -146,7 +163,7 @@ impl StackDriver {
                 // because the memory lacks what it needs. Resuming takes the
                 // state's own recovery path.
                 tracing::error!(machine = "stack", state = self.machine.state().name(), "no command queued in a busy state; resuming it");
-                tokio::time::sleep(self.settings.retry_backoff_min).await;
+                tokio::time::sleep(jittered(self.settings.retry_backoff_min, self.settings.poll_jitter_percent)).await;
                 self.feed(StackEvents::Resumed)?;
                 continue;
             }
@@ -278,12 +295,12 @@ impl StackDriver {
         }
     }
 
-    async fn execute(&mut self, command: StackCommand) -> Option<StackEvents> {
-        match command {
+    async fn execute(&mut self, command: StackCommand) -> Result<Option<StackEvents>, DriverError> {
+        let event = match command {
             StackCommand::Fetch => Some(self.fetch().await),
             StackCommand::Validate { commit } => Some(self.validate(commit).await),
             StackCommand::Pull { commit, plan } => Some(self.pull(commit, &plan).await),
-            StackCommand::AwaitPolicy { pulled_on_boot, .. } => Some(self.await_policy(pulled_on_boot).await),
+            StackCommand::AwaitPolicy { pulled_on_boot, .. } => Some(self.await_policy(pulled_on_boot).await?),
             StackCommand::Apply { release, purpose } => Some(self.apply(&release, purpose).await),
             StackCommand::WatchHealth { release, .. } => Some(self.watch_health(&release).await),
             StackCommand::KeepImages { keep, .. } => {
@@ -297,7 +314,8 @@ impl StackDriver {
                 self.backoff = Some(delay);
                 None
             }
-        }
+        };
+        Ok(event)
     }
 
     async fn fetch(&mut self) -> StackEvents {
@@ -343,18 +361,7 @@ impl StackDriver {
                     tracing::info!(machine = "stack", image = %service.image, %digest, "pulled");
                     digests.insert(service.image.clone(), digest);
                 }
-                Err(error) => {
-                    let message = format!("commit {}: {error}", commit.short());
-                    let failure = match error {
-                        EngineError::ImageNotFound { .. }
-                        | EngineError::WrongPlatform { .. }
-                        | EngineError::BadReference { .. }
-                        | EngineError::NoDigest { .. } => Failure::rejected(message),
-                        EngineError::AccessDenied { .. } => Failure::local(message),
-                        _ => Failure::transient(message),
-                    };
-                    return StackEvents::PullFailed(failure);
-                }
+                Err(error) => return StackEvents::PullFailed(self.pull_failure(commit, error)),
             }
         }
 
@@ -366,33 +373,74 @@ impl StackDriver {
         StackEvents::Pulled(Release { commit, services })
     }
 
-    /// Waits until the apply policy lets the pulled commit in, or until the
-    /// next poll is due, whichever comes first.
-    async fn await_policy(&mut self, pulled_on_boot: Option<[u8; 16]>) -> StackEvents {
-        let poll_at = Instant::now() + jittered(self.settings.poll_interval, self.settings.poll_jitter_percent);
-        let mut reported = false;
-        loop {
-            let allowed = match self.settings.apply_policy {
-                ApplyPolicy::Immediate => true,
-                ApplyPolicy::OnBoot => pulled_on_boot.is_some_and(|pulled| pulled != self.seams.boot_id.boot_id()),
-            };
-            if allowed {
-                return StackEvents::PolicyAllows;
+    /// Sorts a pull error into how the machine handles it. A certificate
+    /// rejected as expired or not yet valid while the kernel reports the
+    /// clock unsynchronised is a clock problem, not a fault of the commit or
+    /// the registry.
+    fn pull_failure(&self, commit: CommitId, error: EngineError) -> Failure {
+        if error.is_certificate_validity() && !self.seams.clock.clock_synced() {
+            return Failure::clock(format!(
+                "clock problem: commit {}: {error}; the clock is not synchronised, so the certificate may only look invalid. The update stays pending and is retried; check the device's NTP access",
+                commit.short()
+            ));
+        }
+        let message = format!("commit {}: {error}", commit.short());
+        match error {
+            EngineError::ImageNotFound { .. } | EngineError::WrongPlatform { .. } | EngineError::BadReference { .. } | EngineError::NoDigest { .. } => {
+                Failure::rejected(message)
             }
-            if !reported {
-                tracing::info!(machine = "stack", policy = "on-boot", "images are pulled; the update is applied after the next boot");
-                reported = true;
+            EngineError::AccessDenied { .. } => Failure::local(message),
+            _ => Failure::transient(message),
+        }
+    }
+
+    /// Waits until the apply policy lets the pulled commit in, or until the
+    /// next poll is due, whichever comes first. The gate persists why the
+    /// commit waits before this returns, and clears it before `PolicyAllows`.
+    async fn await_policy(&mut self, pulled_on_boot: Option<[u8; 16]>) -> Result<StackEvents, DriverError> {
+        let poll_at = Instant::now() + jittered(self.settings.poll_interval, self.settings.poll_jitter_percent);
+        let missing_images = self.pull_missing_images().await;
+        loop {
+            let booted_since_pull = pulled_on_boot.is_some_and(|pulled| pulled != self.seams.boot_id.boot_id());
+            if self.gate.check(booted_since_pull, missing_images.clone()).await? {
+                self.gate.finish()?;
+                return Ok(StackEvents::PolicyAllows);
             }
 
             let now = Instant::now();
             if now >= poll_at {
-                return StackEvents::Poll;
+                self.gate.pause()?;
+                return Ok(StackEvents::Poll);
             }
             tokio::select! {
-                _ = tokio::time::sleep((poll_at - now).min(Duration::from_secs(1))) => {}
-                _ = self.wake.notified() => return StackEvents::Poll,
+                _ = tokio::time::sleep((poll_at - now).min(POLICY_CHECK_INTERVAL)) => {}
+                _ = self.wake.notified() => {
+                    self.gate.pause()?;
+                    return Ok(StackEvents::Poll);
+                }
             }
         }
+    }
+
+    /// Pulls, by digest, every image of the pending release that is missing
+    /// locally, so that nothing is missing once the policy allows the update,
+    /// and returns why the update must wait when a pull fails. A pull is a
+    /// download only, so it may run outside a maintenance window.
+    async fn pull_missing_images(&mut self) -> Option<String> {
+        let release = self.machine.memory().attempt.as_ref().and_then(|attempt| attempt.pulled.clone())?;
+        for service in &release.services {
+            let pinned = service.pinned_reference();
+            if self.engine.has_image(&pinned).await {
+                continue;
+            }
+            tracing::warn!(machine = "stack", image = %pinned, "pulled image is missing locally, pulling it again by digest");
+            if let Err(error) = self.engine.pull(&pinned, self.settings.pull_timeout).await {
+                let failure = self.pull_failure(release.commit, error);
+                tracing::warn!(machine = "stack", image = %pinned, error = %failure.message, "cannot pull a missing image; the update waits");
+                return Some(format!("image {pinned} is missing and cannot be pulled: {}", failure.message));
+            }
+        }
+        None
     }
 
     async fn apply(&mut self, release: &Release, purpose: ApplyPurpose) -> StackEvents {

@@ -90,6 +90,22 @@ pub struct StackMemoryRecord {
     pub memory: StackMemory,
 }
 
+/// Why a pulled update of one machine waits for its apply policy, and how
+/// long update locks have deferred it. An empty `reason` with zero
+/// `deferred_ms` means nothing holds the machine back any more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyHoldRecord {
+    pub meta: RecordMeta,
+    /// A [`crate::machine::MachineKind`] code.
+    pub machine: u8,
+    /// The hold in words, such as `update lock held by file /srv/shared/lock`;
+    /// empty when nothing holds the update.
+    pub reason: String,
+    /// Monotonic milliseconds that update locks have deferred the pending
+    /// update, summed over boots.
+    pub deferred_ms: u64,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -101,6 +117,7 @@ pub enum Record {
     Compacted(CompactedRecord),
     MachineState(MachineStateRecord),
     StackMemory(StackMemoryRecord),
+    ApplyHold(ApplyHoldRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -118,6 +135,7 @@ pub mod tag {
     pub const COMPACTED: u8 = 6;
     pub const MACHINE_STATE: u8 = 7;
     pub const STACK_MEMORY: u8 = 16;
+    pub const APPLY_HOLD: u8 = 112;
 }
 
 /// Error for a payload with a known tag that does not decode.
@@ -147,6 +165,7 @@ impl Record {
             Record::Compacted(_) => tag::COMPACTED,
             Record::MachineState(_) => tag::MACHINE_STATE,
             Record::StackMemory(_) => tag::STACK_MEMORY,
+            Record::ApplyHold(_) => tag::APPLY_HOLD,
         }
     }
 
@@ -160,6 +179,7 @@ impl Record {
             Record::Compacted(record) => &record.meta,
             Record::MachineState(record) => &record.meta,
             Record::StackMemory(record) => &record.meta,
+            Record::ApplyHold(record) => &record.meta,
         }
     }
 
@@ -174,6 +194,7 @@ impl Record {
             Record::Compacted(record) => postcard::to_stdvec(record),
             Record::MachineState(record) => postcard::to_stdvec(record),
             Record::StackMemory(record) => postcard::to_stdvec(record),
+            Record::ApplyHold(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -193,6 +214,7 @@ impl Record {
             tag::COMPACTED => Record::Compacted(parse(tag, payload)?),
             tag::MACHINE_STATE => Record::MachineState(parse(tag, payload)?),
             tag::STACK_MEMORY => Record::StackMemory(parse(tag, payload)?),
+            tag::APPLY_HOLD => Record::ApplyHold(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))
@@ -222,6 +244,20 @@ mod tests {
         let framed = super::super::frame::OVERHEAD + record.encode_payload().len();
 
         assert!(framed < 64, "a framed transition takes {framed} bytes");
+    }
+
+    #[test]
+    fn apply_hold_round_trips() {
+        let record = Record::ApplyHold(ApplyHoldRecord {
+            meta: RecordMeta { boot_id: [7; 16], monotonic_ms: 5, wall_ms: 6, clock_synced: false },
+            machine: 1,
+            reason: "update lock held by file /srv/shared/lock".into(),
+            deferred_ms: 90_000,
+        });
+
+        let decoded = Record::decode(tag::APPLY_HOLD, &record.encode_payload());
+
+        assert_eq!(decoded, Ok(Decoded::Known(record)));
     }
 
     #[test]

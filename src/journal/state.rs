@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::journal::record::{
-    CompactedRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
+    ApplyHoldRecord, CompactedRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
     Record, RecordMeta, StackMemoryRecord, TransitionRecord,
 };
 use crate::machine::stack::StackMemory;
@@ -46,6 +46,8 @@ pub enum History {
 pub struct JournalState {
     pub machines: BTreeMap<u8, MachineView>,
     pub stack_memory: Option<StackMemory>,
+    /// The last apply hold of each machine, by machine code.
+    pub apply_holds: BTreeMap<u8, ApplyHoldRecord>,
     /// The lease with the highest epoch.
     pub lease: Option<LeaseRecord>,
     pub aborted_epochs: BTreeSet<u64>,
@@ -66,6 +68,7 @@ impl JournalState {
         JournalState {
             machines: BTreeMap::new(),
             stack_memory: None,
+            apply_holds: BTreeMap::new(),
             lease: None,
             aborted_epochs: BTreeSet::new(),
             confirmed_epochs: BTreeSet::new(),
@@ -132,6 +135,9 @@ impl JournalState {
                 view.last_change.get_or_insert(state.meta);
             }
             Record::StackMemory(memory) => self.stack_memory = Some(memory.memory.clone()),
+            Record::ApplyHold(hold) => {
+                self.apply_holds.insert(hold.machine, hold.clone());
+            }
         }
     }
 
@@ -154,6 +160,8 @@ impl JournalState {
         if let Some(memory) = &self.stack_memory {
             records.push(Record::StackMemory(StackMemoryRecord { meta, memory: memory.clone() }));
         }
+        let held = self.apply_holds.values().filter(|hold| !hold.reason.is_empty() || hold.deferred_ms > 0);
+        records.extend(held.map(|hold| Record::ApplyHold(hold.clone())));
 
         let first_kept = self.transitions.len() - kept;
         records.extend(self.transitions.iter().skip(first_kept).map(|transition| Record::Transition(*transition)));
