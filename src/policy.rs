@@ -1,10 +1,10 @@
 //! Apply policies: when a pulled update may stop and restart services.
 //!
-//! The policy is pure. The driver gathers the facts (wall time and whether the
-//! kernel reports the clock synchronised, whether the device booted since the
-//! pull, who holds an update lock, how long locks have deferred the update)
-//! and [`decide`] returns whether to apply now or why to wait. Downloads are
-//! never held back by a policy; only the step that stops anything is.
+//! The policy is pure. The driver gathers the facts: the wall time and whether
+//! the kernel reports the clock synchronised, whether the device booted since
+//! the pull, which update lock is held, and how long locks have deferred the
+//! update. [`decide`] then returns whether to apply now or why to wait. A
+//! policy never delays downloads, only the step that stops services.
 //!
 //! Maintenance windows are daily intervals of local time in an IANA time zone,
 //! read from the database compiled into the agent. A local time that a
@@ -188,7 +188,7 @@ impl fmt::Display for Hold {
     }
 }
 
-/// What the policy allows now.
+/// Outcome of one policy check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Apply,

@@ -49,7 +49,7 @@ impl Clock for SystemClock {
 /// A clock for tests: the wall time and the synchronised flag come from a
 /// file, read on every call, so a test moves the time by rewriting the file.
 /// Monotonic time is the kernel's, so timeouts and the probation window run
-/// in real time whatever the file says.
+/// in real time whatever time the file contains.
 ///
 /// The file holds an RFC 3339 timestamp and `synced` or `unsynced`, for
 /// example `2025-06-10T12:00:00Z synced`. While the file is missing or does

@@ -24,7 +24,7 @@ use crate::seams::Seams;
 /// at most this much of the count.
 const DEFERRAL_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Where applications signal that they hold the update lock.
+/// Sources of the update lock that applications set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LockSources {
     /// Each file holds the lock while it exists.

@@ -90,16 +90,16 @@ pub struct StackMemoryRecord {
     pub memory: StackMemory,
 }
 
-/// Why a pulled update of one machine waits for its apply policy, and how
+/// Reason a pulled update of one machine waits for its apply policy, and how
 /// long update locks have deferred it. An empty `reason` with zero
-/// `deferred_ms` means nothing holds the machine back any more.
+/// `deferred_ms` means the update no longer waits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyHoldRecord {
     pub meta: RecordMeta,
     /// A [`crate::machine::MachineKind`] code.
     pub machine: u8,
-    /// The hold in words, such as `update lock held by file /srv/shared/lock`;
-    /// empty when nothing holds the update.
+    /// The reason in words, such as `update lock held by file
+    /// /srv/shared/lock`, or empty when the update does not wait.
     pub reason: String,
     /// Monotonic milliseconds that update locks have deferred the pending
     /// update, summed over boots.

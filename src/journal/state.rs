@@ -187,3 +187,43 @@ fn remember(epochs: &mut BTreeSet<u64>, epoch: u64) {
         epochs.pop_first();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold(machine: u8, reason: &str, deferred_ms: u64) -> Record {
+        Record::ApplyHold(ApplyHoldRecord { meta: RecordMeta::default(), machine, reason: reason.into(), deferred_ms })
+    }
+
+    fn rebuilt(state: &JournalState) -> JournalState {
+        let mut rebuilt = JournalState::new(History::Recent);
+        for record in state.snapshot(RecordMeta::default(), KEPT_TRANSITIONS) {
+            rebuilt.apply(&record);
+        }
+        rebuilt
+    }
+
+    #[test]
+    fn snapshot_keeps_apply_hold() {
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&hold(1, "waiting for the next boot (policy on-boot)", 0));
+        state.apply(&hold(1, "update lock held by file /srv/shared/lock", 90_000));
+
+        let rebuilt = rebuilt(&state);
+
+        assert_eq!(rebuilt.apply_holds, state.apply_holds);
+        assert_eq!(rebuilt.apply_holds[&1].deferred_ms, 90_000);
+    }
+
+    #[test]
+    fn snapshot_drops_cleared_apply_hold() {
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&hold(1, "update lock held by file /srv/shared/lock", 90_000));
+        state.apply(&hold(1, "", 0));
+
+        let rebuilt = rebuilt(&state);
+
+        assert!(rebuilt.apply_holds.is_empty());
+    }
+}

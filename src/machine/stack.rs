@@ -369,9 +369,9 @@ impl StackStateMachineContext for StackContext {
         Ok(())
     }
 
-    /// Keeps the attempt and the failure counters as they are: a certificate
-    /// that fails only because the clock is wrong says nothing about the
-    /// commit or the registry. The next poll tries again.
+    /// Leaves the attempt and the failure counters unchanged, because a
+    /// certificate that fails only because the clock is wrong is no fault of
+    /// the commit or the registry. The next poll tries the commit again.
     fn wait_for_clock(&mut self, _failure: Failure) -> ActionResult {
         self.memory.resumes = 0;
         Ok(())
