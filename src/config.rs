@@ -521,10 +521,10 @@ impl Config {
                 report("docker.platform", format!("{platform:?} is not a platform: write os/arch or os/arch/variant, for example linux/arm64"));
             }
         }
-        if let Some(clock_file) = &self.seams.clock_file {
-            if !clock_file.is_absolute() {
-                report("seams.clock_file", format!("{} must be an absolute path", clock_file.display()));
-            }
+        if let Some(clock_file) = &self.seams.clock_file
+            && !clock_file.is_absolute()
+        {
+            report("seams.clock_file", format!("{} must be an absolute path", clock_file.display()));
         }
         if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));
@@ -571,6 +571,8 @@ impl Sections<'_> {
                 let path = error.path().to_string();
                 let key = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
                 let message = error.into_inner().to_string();
+                // toml ends the message with "\nin `key`", which the problem names already.
+                let message = message.split("\nin `").next().unwrap_or_default().to_string();
                 let message = match message.strip_prefix("unknown field ") {
                     Some(rest) => format!("unknown key {rest}"),
                     None => message,
@@ -665,6 +667,7 @@ checkout = "/srv/eventpi/stack"
         assert_eq!(problems[0].key, "stack.poll_interval");
         assert_eq!(problems[0].line, Some(8));
         assert!(problems[0].message.contains("with its unit"), "{}", problems[0].message);
+        assert!(!problems[0].message.contains('\n'), "the key is named once: {}", problems[0].message);
     }
 
     #[test]

@@ -242,7 +242,7 @@ mod tests {
         let mut was_open = window.contains(now);
         let mut found = Vec::new();
         while now < end {
-            now = now + jiff::SignedDuration::from_secs(60);
+            now += jiff::SignedDuration::from_secs(60);
             let open = window.contains(now);
             if open && !was_open {
                 found.push(now);

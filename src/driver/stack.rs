@@ -319,6 +319,10 @@ impl StackDriver {
     }
 
     async fn fetch(&mut self) -> StackEvents {
+        // TODO: a fetch over HTTPS that fails on an expired or not yet valid
+        // certificate while the clock is unsynchronised is still a transient
+        // failure with backoff; sort it as a clock problem, as `pull_failure`
+        // does for registries.
         match self.git.fetch().await {
             Ok(tip) => {
                 tracing::debug!(machine = "stack", tip = %tip.short(), "fetched the device branch");
