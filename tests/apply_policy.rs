@@ -207,3 +207,28 @@ fn wall_clock_jump_keeps_probation_length() {
     assert_eq!(entered.wall_ms, epoch_ms("2025-06-10T12:00:00Z"));
     assert_eq!(passed.wall_ms, epoch_ms("2025-06-10T12:00:05Z"), "the wall clock went back before the gate passed");
 }
+
+#[test]
+fn missing_image_is_pulled_before_window_apply() {
+    let mut world = World::new("policy-0006");
+    let clock = ClockFile::new("2025-06-10T12:00:00Z", true);
+    let image = push_image(&world.registry, "web", "v1", Behaviour::Serve);
+    let digest = world.registry.manifest_digest("web", "v1");
+    let commit = world.repo.commit("web v1", &[("compose.yaml", &compose_file(&[("web", &image)]))]);
+    let mut agent = world.agent_with_sections("", &format!("{WARSAW_NIGHT}\n{}", clock.section()));
+    agent.start();
+    wait_until("the commit to be pulled", STEP_TIMEOUT, Some(&agent), || count_transitions(&agent, "Pulling", "Pulled", "Ready") == 1);
+
+    let pinned = format!("{}/web@{digest}", world.registry.address());
+    world.registry.stop();
+    run("docker", &["rmi", "--force", &image, &pinned]);
+    wait_until("the missing image to be the hold", STEP_TIMEOUT, Some(&agent), || status_contains(&agent, &format!("pulled update waits: image {pinned} is missing and cannot be pulled")));
+    clock.set("2025-06-11T00:30:00Z", true);
+    std::thread::sleep(QUIET_PERIOD);
+    assert!(project_containers(&world.project).is_empty(), "an open window applies nothing while an image is missing");
+    assert_eq!(count_transitions(&agent, "Ready", "PolicyAllows", "Applying"), 0);
+
+    world.registry.resume();
+    wait_until("the commit to be applied once the image is back", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&commit));
+    assert!(!agent.status().contains("factory reset"), "{}", agent.status());
+}

@@ -21,7 +21,7 @@ use crate::policy::{self, ApplyPolicy, Decision, PolicyFacts, WallClock};
 use crate::seams::Seams;
 
 /// Time between two journal records of a growing deferral. A power cut loses
-/// at most this much of the count.
+/// up to this much of the count, plus one policy check interval.
 const DEFERRAL_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Sources of the update lock that applications set.
@@ -109,10 +109,12 @@ impl ApplyGate {
             lock,
             deferred: self.deferred,
         };
-        let decision = match (policy::decide(&self.policy, &facts), blocked) {
-            (Decision::Wait(hold), _) => Err(hold.to_string()),
-            (_, Some(blocked)) => Err(blocked),
-            (decision, None) => Ok(decision),
+        // The caller's reason comes first: it asks for action, and the update
+        // could not be applied even if the policy allowed it.
+        let decision = match (blocked, policy::decide(&self.policy, &facts)) {
+            (Some(blocked), _) => Err(blocked),
+            (None, Decision::Wait(hold)) => Err(hold.to_string()),
+            (None, decision) => Ok(decision),
         };
 
         match decision {

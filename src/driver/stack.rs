@@ -437,7 +437,7 @@ impl StackDriver {
             if self.engine.has_image(&pinned).await {
                 continue;
             }
-            tracing::warn!(machine = "stack", image = %pinned, "pulled image is missing locally, pulling it again by digest");
+            tracing::info!(machine = "stack", image = %pinned, "pulled image is missing locally, pulling it again by digest");
             if let Err(error) = self.engine.pull(&pinned, self.settings.pull_timeout).await {
                 let failure = self.pull_failure(release.commit, error);
                 tracing::warn!(machine = "stack", image = %pinned, error = %failure.message, "cannot pull a missing image; the update waits");
