@@ -159,11 +159,14 @@ fn write_stack_details(text: &mut String, state: &JournalState, code: Option<u8>
     }
 }
 
-/// Writes why a pulled update waits, when `waiting`, and how long update
-/// locks have deferred it.
+/// Writes why a pulled update waits and how long update locks have deferred
+/// it, while the machine is `waiting` in `Ready`.
 fn write_apply_hold(text: &mut String, state: &JournalState, waiting: bool) {
     let Some(hold) = state.apply_holds.get(&MachineKind::Stack.code()) else { return };
-    if waiting && !hold.reason.is_empty() {
+    if !waiting {
+        return;
+    }
+    if !hold.reason.is_empty() {
         let _ = writeln!(text, "  pulled update waits: {} (since {})", hold.reason, format_when(&hold.meta));
     }
     if hold.deferred_ms > 0 {
