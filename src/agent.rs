@@ -9,13 +9,14 @@ use std::time::Duration;
 use crate::config::{Config, JournalConfig};
 use crate::control;
 use crate::credentials::{Credentials, CredentialsError};
+use crate::driver::apply_gate::LockSources;
 use crate::driver::compose::Compose;
 use crate::driver::docker::Engine;
 use crate::driver::git::GitMirror;
 use crate::driver::git_auth::{GitAccess, GitAccessError};
 use crate::driver::process::{self, CommandSpec};
 use crate::driver::signing::SignaturePolicy;
-use crate::driver::stack::{DriverError, DriverSettings, StackDriver};
+use crate::driver::stack::{DriverError, DriverSettings, StackDriver, jittered};
 use crate::journal::{History, Journal, JournalError, JournalOptions};
 use crate::machine::stack::StackSettings;
 use crate::notify::SenderSettings;
@@ -26,6 +27,9 @@ use crate::seams::Seams;
 
 /// Time between two attempts to reach the Docker engine at start.
 const ENGINE_RETRY: Duration = Duration::from_secs(5);
+
+/// Share of `ENGINE_RETRY` added or removed at random, in percent.
+const ENGINE_RETRY_JITTER_PERCENT: u8 = 20;
 
 /// Time the commands of a stopping agent get to exit before SIGKILL.
 const CHILD_GRACE: Duration = Duration::from_secs(3);
@@ -57,7 +61,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let credentials = Credentials::load(&config)?;
     let access = GitAccess::prepare(&credentials.git, &config.stack.repository, &config.state_directory().join("ssh"))?;
 
-    let seams = Seams::system(config.seams.boot_id_file.clone());
+    let seams = Seams::from_config(&config.seams);
+    for warning in &config.warnings {
+        tracing::warn!(key = %warning.key, "configuration: {warning}");
+    }
+    if let Some(clock_file) = &config.seams.clock_file {
+        tracing::warn!(clock_file = %clock_file.display(), "the wall clock and its synchronised flag are read from a file (seams.clock_file); use this for tests only");
+    }
     let holder = crate::identity::holder_name();
     let journal = open_journal(&config.journal)?;
     let epoch = journal.lock().expect("the journal lock is not shared yet").take_lease(&holder, seams.meta())?;
@@ -160,7 +170,8 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         pull_timeout: stack.pull_timeout,
         probation: stack.probation,
         health_grace: stack.health_grace,
-        apply_policy: stack.apply_policy,
+        apply_policy: stack.apply.policy().expect("Config::parse validated stack.apply"),
+        update_locks: LockSources { files: stack.apply.lock_files.clone(), label: stack.apply.lock_label.clone() },
         state_directory: config.state_directory(),
         factory_reset_command: stack.factory_reset_command.clone(),
         factory_reset_timeout: stack.factory_reset_timeout,
@@ -232,7 +243,7 @@ async fn wait_for_engine(host: Option<&str>, platform: Option<Platform>, board: 
                 if failures == 1 || failures % 12 == 0 {
                     tracing::warn!(%error, failures, "waiting for the Docker engine");
                 }
-                tokio::time::sleep(ENGINE_RETRY).await;
+                tokio::time::sleep(jittered(ENGINE_RETRY, ENGINE_RETRY_JITTER_PERCENT)).await;
             }
         }
     }

@@ -33,6 +33,9 @@ pub struct Config {
     pub git: GitConfig,
     /// `[[registry]]` entries, one per registry host that needs credentials.
     pub registries: Vec<RegistryConfig>,
+    /// Settings that still work but should be rewritten, such as a key that
+    /// moved.
+    pub warnings: Vec<Problem>,
 }
 
 /// `[control]`: the local API for the CLI and monitoring.
@@ -156,14 +159,93 @@ pub struct DockerConfig {
     pub compose_command: Option<Vec<String>>,
 }
 
-/// When a pulled commit may be applied.
+/// When a pulled update may be applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ApplyPolicy {
+pub enum PolicyKind {
     /// As soon as the images are pulled.
     Immediate,
     /// Only after the device booted again since the pull.
     OnBoot,
+    /// Only inside one of the maintenance windows, with a synchronised clock.
+    Window,
+}
+
+/// The apply policy table of an update process, such as `[stack.apply]`.
+///
+/// TODO: `[self_update.apply]` and `[host_patch.apply]` take this same table
+/// once those processes exist; `ApplyConfig::policy` and
+/// `driver::apply_gate` are written for any process.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ApplyConfig {
+    /// Default: `immediate`.
+    pub policy: Option<PolicyKind>,
+    /// Daily windows as `"HH:MM-HH:MM Area/City"`, used by `policy = "window"`.
+    pub windows: Vec<String>,
+    /// Files that hold the update lock while they exist, for example on a
+    /// volume shared with the applications.
+    pub lock_files: Vec<PathBuf>,
+    /// A label key: a running container that carries it holds the update lock.
+    pub lock_label: Option<String>,
+    /// Time update locks may defer an update, summed over boots, before it is
+    /// applied anyway.
+    #[serde(deserialize_with = "duration")]
+    pub max_deferral: Duration,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig { policy: None, windows: Vec::new(), lock_files: Vec::new(), lock_label: None, max_deferral: Duration::from_secs(24 * 3600) }
+    }
+}
+
+impl ApplyConfig {
+    /// Builds the policy, or returns each problem as the key inside the table
+    /// and its message.
+    pub fn policy(&self) -> Result<crate::policy::ApplyPolicy, Vec<(&'static str, String)>> {
+        use crate::policy::{ApplyPolicy, Timing, Window};
+
+        let mut problems = Vec::new();
+        let mut windows = Vec::new();
+        for text in &self.windows {
+            match text.parse::<Window>() {
+                Ok(window) => windows.push(window),
+                Err(error) => problems.push(("windows", error.to_string())),
+            }
+        }
+        let kind = self.policy.unwrap_or(PolicyKind::Immediate);
+        if kind == PolicyKind::Window && self.windows.is_empty() {
+            problems.push(("windows", "policy \"window\" needs at least one window, for example [\"02:00-04:00 Europe/Warsaw\"]".to_string()));
+        }
+        if kind != PolicyKind::Window && !self.windows.is_empty() {
+            problems.push(("windows", "windows are used only with policy = \"window\"; set the policy or remove the windows".to_string()));
+        }
+        for file in &self.lock_files {
+            if !file.is_absolute() {
+                problems.push(("lock_files", format!("{} must be an absolute path", file.display())));
+            }
+        }
+        if let Some(label) = &self.lock_label {
+            let valid = !label.is_empty() && label.chars().all(|character| character.is_ascii_alphanumeric() || "._-/".contains(character));
+            if !valid {
+                problems.push(("lock_label", format!("{label:?} is not a label key: use letters, digits, '.', '-', '_' and '/', for example \"eventpi.update-lock\"")));
+            }
+        }
+        if self.max_deferral.is_zero() {
+            problems.push(("max_deferral", "must be longer than zero; to ignore update locks, remove lock_files and lock_label".to_string()));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+
+        let timing = match kind {
+            PolicyKind::Immediate => Timing::Immediate,
+            PolicyKind::OnBoot => Timing::OnBoot,
+            PolicyKind::Window => Timing::Windows(windows),
+        };
+        Ok(ApplyPolicy { timing, max_deferral: self.max_deferral })
+    }
 }
 
 /// `[stack]`: the device branch and how to run it.
@@ -200,8 +282,14 @@ pub struct StackConfig {
     /// probation window before the gate fails.
     #[serde(default = "default_health_grace", deserialize_with = "duration")]
     pub health_grace: Duration,
-    #[serde(default = "default_policy")]
-    pub apply_policy: ApplyPolicy,
+    /// When a pulled commit may be applied, and which locks defer it.
+    #[serde(default)]
+    pub apply: ApplyConfig,
+    /// The former place of `stack.apply.policy`. Parsing moves a value found
+    /// here into `apply.policy` and adds a warning, so this is `None` in a
+    /// parsed configuration.
+    #[serde(default)]
+    pub apply_policy: Option<PolicyKind>,
     /// Agent restarts allowed in one attempt before it takes the failure path.
     #[serde(default = "default_max_resumes")]
     pub max_resumes: u32,
@@ -243,9 +331,6 @@ fn default_probation() -> Duration {
 }
 fn default_health_grace() -> Duration {
     Duration::from_secs(120)
-}
-fn default_policy() -> ApplyPolicy {
-    ApplyPolicy::Immediate
 }
 fn default_max_resumes() -> u32 {
     5
@@ -293,11 +378,16 @@ impl Default for PanelConfig {
 pub struct SeamsConfig {
     /// File holding the kernel's boot id as a UUID.
     pub boot_id_file: PathBuf,
+    /// For tests only: a file whose content sets the wall time and whether the
+    /// clock counts as synchronised, read on every look at the clock, as
+    /// `2025-06-10T12:00:00Z synced` or `... unsynced`. Monotonic time stays
+    /// the kernel's. Default: the system clock and the kernel's time-sync flag.
+    pub clock_file: Option<PathBuf>,
 }
 
 impl Default for SeamsConfig {
     fn default() -> Self {
-        SeamsConfig { boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id") }
+        SeamsConfig { boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id"), clock_file: None }
     }
 }
 
@@ -523,6 +613,7 @@ impl Config {
             host: parts.host,
             git: parts.git,
             registries: parts.registries,
+            warnings: parts.warnings,
         })
     }
 
@@ -556,6 +647,7 @@ struct Parts {
     host: Option<HostConfig>,
     git: GitConfig,
     registries: Vec<RegistryConfig>,
+    warnings: Vec<Problem>,
 }
 
 impl Parts {
@@ -603,12 +695,33 @@ impl Parts {
                 Some(git),
                 Some(registries),
             ) if problems.is_empty() => {
-                let parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries };
+                let mut parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries, warnings: Vec::new() };
+                problems.extend(parts.migrate(text));
                 problems.extend(parts.check(text));
                 if problems.is_empty() { Ok(parts) } else { Err(problems) }
             }
             _ => Err(problems),
         }
+    }
+
+    /// Moves settings from their former keys to their current ones, adding a
+    /// warning for each, and returns the conflicts it finds.
+    fn migrate(&mut self, text: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let Some(stack) = self.stack.as_mut() else { return problems };
+        if let Some(kind) = stack.apply_policy.take() {
+            let key = "stack.apply_policy";
+            let line = line_of_key(text, key);
+            if stack.apply.policy.is_some() {
+                let message = "is replaced by stack.apply.policy, which is set too; remove stack.apply_policy".to_string();
+                problems.push(Problem { key: key.into(), line, message });
+            } else {
+                stack.apply.policy = Some(kind);
+                let message = "is replaced by `policy` in [stack.apply]; it is still read, but move it there".to_string();
+                self.warnings.push(Problem { key: key.into(), line, message });
+            }
+        }
+        problems
     }
 
     /// Checks values that parse but cannot work.
@@ -651,6 +764,11 @@ impl Parts {
             report("control.tcp_port", "must be a port number from 1 to 65535".into());
         }
         check_notifications(&self.notifications, &mut report);
+        if let Some(clock_file) = &self.seams.clock_file
+            && !clock_file.is_absolute()
+        {
+            report("seams.clock_file", format!("{} must be an absolute path", clock_file.display()));
+        }
         if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));
         }
@@ -738,6 +856,11 @@ fn check_stack(stack: &StackConfig, report: &mut impl FnMut(&str, String)) {
     }
     if stack.poll_jitter_percent > 50 {
         report("stack.poll_jitter_percent", format!("{} is above the maximum of 50", stack.poll_jitter_percent));
+    }
+    if let Err(apply_problems) = stack.apply.policy() {
+        for (key, message) in apply_problems {
+            report(&format!("stack.apply.{key}"), message);
+        }
     }
     if stack.retry_backoff_max < stack.retry_backoff_min {
         report("stack.retry_backoff_max", "must not be shorter than stack.retry_backoff_min".into());
@@ -876,6 +999,8 @@ impl Sections<'_> {
                 let path = error.path().to_string();
                 let key = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
                 let message = error.into_inner().to_string();
+                // toml ends the message with "\nin `key`", which the problem names already.
+                let message = message.split("\nin `").next().unwrap_or_default().to_string();
                 let message = match message.strip_prefix("unknown field ") {
                     Some(rest) => format!("unknown key {rest}"),
                     None => message,
@@ -955,7 +1080,8 @@ checkout = "/srv/eventpi/stack"
 
         assert_eq!(config.stack.poll_interval, Duration::from_secs(60));
         assert_eq!(config.stack.compose_files, vec!["compose.yaml".to_string()]);
-        assert_eq!(config.stack.apply_policy, ApplyPolicy::Immediate);
+        assert_eq!(config.stack.apply.policy, None);
+        assert_eq!(config.stack.apply.policy().unwrap().timing, crate::policy::Timing::Immediate);
         assert_eq!(config.state_directory(), PathBuf::from("/var/lib/eventpi/state"));
     }
 
@@ -969,6 +1095,7 @@ checkout = "/srv/eventpi/stack"
         assert_eq!(problems[0].key, "stack.poll_interval");
         assert_eq!(problems[0].line, Some(8));
         assert!(problems[0].message.contains("with its unit"), "{}", problems[0].message);
+        assert!(!problems[0].message.contains('\n'), "the key is named once: {}", problems[0].message);
     }
 
     #[test]
@@ -1082,5 +1209,71 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         let text = HOST.replace("SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", line);
 
         assert!(HostPatchConfig::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn window_policy_is_read() {
+        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Europe/Warsaw\"]\nlock_files = [\"/srv/shared/update.lock\"]\nlock_label = \"eventpi.update-lock\"\nmax_deferral = \"6h\"\n");
+
+        let config = Config::parse(&text).unwrap();
+        let policy = config.stack.apply.policy().unwrap();
+
+        assert!(matches!(&policy.timing, crate::policy::Timing::Windows(windows) if windows.len() == 1));
+        assert_eq!(policy.max_deferral, Duration::from_secs(6 * 3600));
+        assert_eq!(config.stack.apply.lock_label.as_deref(), Some("eventpi.update-lock"));
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn former_apply_policy_key_is_migrated() {
+        let text = MINIMAL.replace("checkout =", "apply_policy = \"on-boot\"\ncheckout =");
+
+        let config = Config::parse(&text).unwrap();
+
+        assert_eq!(config.stack.apply.policy, Some(PolicyKind::OnBoot));
+        assert_eq!(config.stack.apply_policy, None);
+        assert_eq!(config.warnings.len(), 1);
+        assert_eq!(config.warnings[0].key, "stack.apply_policy");
+        assert_eq!(config.warnings[0].line, Some(8));
+    }
+
+    #[test]
+    fn former_and_current_policy_conflict() {
+        let text = format!("{}\n[stack.apply]\npolicy = \"immediate\"\n", MINIMAL.replace("checkout =", "apply_policy = \"on-boot\"\ncheckout ="));
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "stack.apply_policy");
+    }
+
+    #[test]
+    fn apply_problems_have_keys_and_lines() {
+        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Mars/Olympus\"]\nlock_files = [\"relative.lock\"]\nmax_deferral = \"0s\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
+
+        assert_eq!(found, vec![("stack.apply.windows", Some(12)), ("stack.apply.lock_files", Some(13)), ("stack.apply.max_deferral", Some(14))]);
+        assert!(problems[0].message.contains("Mars/Olympus"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn window_policy_without_windows_is_rejected() {
+        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "stack.apply.windows");
+    }
+
+    #[test]
+    fn clock_file_must_be_absolute() {
+        let text = format!("{MINIMAL}\n[seams]\nclock_file = \"clock.txt\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems[0].key, "seams.clock_file");
     }
 }

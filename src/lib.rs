@@ -14,10 +14,13 @@
 //!   the Docker host over SSH ([`driver::ssh`]) with jobs detached on the host.
 //! - [`credentials`] and [`secret`]: registry and git credentials read from
 //!   owner-only files, and the redaction that keeps them out of every output.
+//! - [`policy`]: apply policies (immediate, on-boot, maintenance windows in a
+//!   time zone, update locks), decided from facts the drivers gather.
 
 pub mod machine;
 pub mod model;
 pub mod kernel;
+pub mod policy;
 pub mod config;
 pub mod failpoint;
 pub mod journal;

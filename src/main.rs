@@ -207,12 +207,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(host_patch(config))
         }
-        Command::CheckConfig { file } => match Config::load(&file).map(|config| Credentials::load(&config)) {
-            Ok(Ok(_)) => {
+        Command::CheckConfig { file } => match Config::load(&file).map(|config| {
+            let credentials = Credentials::load(&config);
+            (config, credentials)
+        }) {
+            Ok((config, Ok(_))) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {}: {warning}", file.display());
+                }
                 println!("{}: valid", file.display());
                 Ok(ExitCode::SUCCESS)
             }
-            Ok(Err(error)) => {
+            Ok((_, Err(error))) => {
                 eprintln!("{}: {error}", file.display());
                 Ok(ExitCode::FAILURE)
             }

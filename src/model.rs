@@ -192,6 +192,10 @@ pub enum FailureKind {
     /// Retrying cannot succeed until a person acts, for example on a changed
     /// server host key: retry later and show that the device needs attention.
     Attention,
+    /// A TLS certificate check failed while the wall clock is not
+    /// synchronised, so the clock may be at fault: keep the update and retry,
+    /// without counting a failure.
+    Clock,
 }
 
 /// A failed step, in words an operator can act on.
@@ -216,6 +220,10 @@ impl Failure {
 
     pub fn attention(message: impl Into<String>) -> Self {
         Failure { kind: FailureKind::Attention, message: message.into() }
+    }
+
+    pub fn clock(message: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Clock, message: message.into() }
     }
 }
 

@@ -189,6 +189,18 @@ fn fill_host(view: &mut MachineView, memory: &HostMemory) {
     view.needs_attention = memory.needs_attention.clone();
 }
 
+/// Adds why a pulled update waits and how long update locks deferred it,
+/// while the stack machine waits in `Ready`.
+fn add_apply_hold(view: &mut MachineView, hold: &crate::journal::record::ApplyHoldRecord) {
+    if !hold.reason.is_empty() {
+        view.notes.push(format!("pulled update waits: {} (since {})", hold.reason, when(&hold.meta)));
+    }
+    if hold.deferred_ms > 0 {
+        let deferred = humantime::format_duration(std::time::Duration::from_secs(hold.deferred_ms / 1000));
+        view.notes.push(format!("update locks have deferred the pending update for {deferred}"));
+    }
+}
+
 /// Builds the status from a journal; `live` parts are left empty.
 pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
     let state = journal.state();
@@ -206,6 +218,10 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
         if kind == MachineKind::Stack {
             if let Some(memory) = &state.stack_memory {
                 fill_stack(&mut view, memory, machine.state.and_then(StackState::from_code));
+            }
+            let waiting = machine.state == Some(StackState::Ready.code());
+            if let Some(hold) = state.apply_holds.get(&kind.code()).filter(|_| waiting) {
+                add_apply_hold(&mut view, hold);
             }
         }
         if kind == MachineKind::HostPatch {

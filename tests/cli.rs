@@ -47,6 +47,36 @@ fn check_config_lists_every_problem() {
 }
 
 #[test]
+fn check_config_warns_on_former_policy_key() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("agent.toml");
+    std::fs::write(&path, VALID.replace("checkout =", "apply_policy = \"on-boot\"\ncheckout =")).unwrap();
+
+    let output = autoupdate(&["check-config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert!(output.status.success(), "the former key still works: {stderr}");
+    assert!(stderr.contains("warning:"), "{stderr}");
+    assert!(stderr.contains("line 8: stack.apply_policy: is replaced by `policy` in [stack.apply]"), "{stderr}");
+}
+
+#[test]
+fn check_config_lists_window_problems() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("agent.toml");
+    let apply = "\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Europe/Warszawa\", \"2:00-04:00 UTC\"]\n";
+    std::fs::write(&path, format!("{VALID}{apply}")).unwrap();
+
+    let output = autoupdate(&["check-config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains("(2 problems)"), "{stderr}");
+    assert!(stderr.contains("line 12: stack.apply.windows: invalid maintenance window \"02:00-04:00 Europe/Warszawa\""), "{stderr}");
+    assert!(stderr.contains("\"2:00\" is not a time of day"), "{stderr}");
+}
+
+#[test]
 fn check_config_reports_syntax_line() {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("agent.toml");

@@ -160,8 +160,8 @@ fn on_boot_policy_waits_for_new_boot() {
         repository: world.git.url("stack.git"),
         branch: &world.repo.branch,
         project: world.project.clone(),
-        extra_stack: "apply_policy = \"on-boot\"",
-        extra_sections: &format!("[seams]\nboot_id_file = \"{}\"\n", boot_id.display()),
+        extra_stack: "",
+        extra_sections: &format!("[stack.apply]\npolicy = \"on-boot\"\n\n[seams]\nboot_id_file = \"{}\"\n", boot_id.display()),
     });
     agent.start();
     wait_until("the first commit to be pulled", STEP_TIMEOUT, Some(&agent), || count_transitions(&agent, "Pulling", "Pulled", "Ready") == 1);

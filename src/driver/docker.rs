@@ -302,8 +302,33 @@ impl Engine {
         Ok(containers)
     }
 
+    /// Returns the names of the running containers that carry the label key
+    /// `label`, whatever its value.
+    pub async fn running_with_label(&self, label: &str) -> Result<Vec<String>, EngineError> {
+        let filters = HashMap::from([("label".to_string(), vec![label.to_string()]), ("status".to_string(), vec!["running".to_string()])]);
+        let options = ListContainersOptionsBuilder::default().filters(&filters).build();
+        let summaries =
+            self.docker.list_containers(Some(options)).await.map_err(|source| EngineError::Api { call: "list containers", source })?;
+        let name_of = |names: Option<Vec<String>>| names.and_then(|names| names.into_iter().next()).unwrap_or_default().trim_start_matches('/').to_string();
+        Ok(summaries.into_iter().map(|summary| name_of(summary.names)).collect())
+    }
+
     pub fn host(&self) -> &str {
         &self.host
+    }
+}
+
+impl EngineError {
+    /// Tells whether the registry's TLS certificate was rejected as expired
+    /// or not yet valid, which a wrong wall clock causes. Docker 20.10 reports
+    /// it with Go's x509 text "certificate has expired or is not yet valid".
+    pub fn is_certificate_validity(&self) -> bool {
+        let detail = match self {
+            EngineError::PullFailed { detail, .. } | EngineError::ImageNotFound { detail, .. } | EngineError::AccessDenied { detail, .. } => detail,
+            _ => return false,
+        };
+        let lower = detail.to_lowercase();
+        lower.contains("certificate has expired or is not yet valid") || lower.contains("certificate is not yet valid") || lower.contains("certificate has expired")
     }
 }
 
@@ -350,6 +375,20 @@ mod tests {
         let message = "Get \"http://127.0.0.1:5999/v2/\": dial tcp 127.0.0.1:5999: connect: connection refused";
         let error = classify_pull_error("r/app:1", server_error(500, message));
         assert!(matches!(error, EngineError::PullFailed { .. }));
+    }
+
+    #[test]
+    fn future_certificate_is_certificate_validity() {
+        let message = "Get \"https://registry.example:5000/v2/\": x509: certificate has expired or is not yet valid: current time 2025-06-10T12:00:00Z is before 2026-01-01T00:00:00Z";
+        let error = classify_pull_error("registry.example:5000/app:1", server_error(500, message));
+        assert!(matches!(error, EngineError::PullFailed { .. }));
+        assert!(error.is_certificate_validity());
+    }
+
+    #[test]
+    fn unknown_authority_is_not_certificate_validity() {
+        let message = "Get \"https://registry.example:5000/v2/\": x509: certificate signed by unknown authority";
+        assert!(!classify_pull_error("registry.example:5000/app:1", server_error(500, message)).is_certificate_validity());
     }
 
     #[test]

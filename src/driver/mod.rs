@@ -2,6 +2,7 @@
 //! world: the `git` and `docker compose` commands, the Docker API, and SSH to
 //! the Docker host.
 
+pub mod apply_gate;
 pub mod compose;
 pub mod docker;
 pub mod git;

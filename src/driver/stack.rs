@@ -9,8 +9,8 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::config::ApplyPolicy;
 use crate::coordinator::{Process, Turn};
+use crate::driver::apply_gate::{ApplyGate, LockSources};
 use crate::driver::compose::Compose;
 use crate::driver::docker::{Engine, EngineError};
 use crate::driver::git::GitMirror;
@@ -28,9 +28,15 @@ use crate::machine::stack::{
 use crate::model::{CommitId, Failure, FailureKind, Release, ServiceImage};
 use crate::notify::{Notice, Severity};
 use crate::panel::{Condition, Source};
+use crate::policy::ApplyPolicy;
 use crate::runtime::{Progress, Runtime};
 
 pub use crate::runtime::SharedJournal;
+
+/// Time between two checks of the apply policy while a pulled commit waits.
+/// The checks read the clock, lock files and, with a lock label, the list of
+/// running containers.
+const POLICY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Name of the override file, inside the state directory.
 const OVERRIDE_FILE: &str = "pinned.override.json";
@@ -46,6 +52,7 @@ pub struct DriverSettings {
     pub probation: Duration,
     pub health_grace: Duration,
     pub apply_policy: ApplyPolicy,
+    pub update_locks: LockSources,
     pub state_directory: PathBuf,
     pub factory_reset_command: Vec<String>,
     pub factory_reset_timeout: Duration,
@@ -80,6 +87,10 @@ pub struct StackDriver {
     turn: Option<Turn>,
     /// When the current attempt left `Idle`, for the duration metric.
     attempt_started: Option<Instant>,
+    gate: ApplyGate,
+    /// Whether a clock problem was notified since the last successful pull,
+    /// so that retries while the clock stays wrong notify only once.
+    clock_problem_notified: bool,
 }
 
 impl StackDriver {
@@ -98,6 +109,14 @@ impl StackDriver {
             (state, journal.state().stack_memory.clone().unwrap_or_default())
         };
         let machine = StackMachine::restore(state, memory, settings.machine);
+        let gate = ApplyGate::new(
+            MachineKind::Stack,
+            settings.apply_policy.clone(),
+            settings.update_locks.clone(),
+            runtime.journal.clone(),
+            runtime.seams.clone(),
+            engine.clone(),
+        );
         StackDriver {
             machine,
             queue: VecDeque::new(),
@@ -110,6 +129,8 @@ impl StackDriver {
             settings,
             turn: None,
             attempt_started: None,
+            gate,
+            clock_problem_notified: false,
         }
     }
 
@@ -153,7 +174,7 @@ impl StackDriver {
         loop {
             if let Some(command) = self.queue.pop_front() {
                 failpoint::hit("stack", self.machine.state().name(), Point::BeforeCommand);
-                if let Some(event) = self.execute(command).await {
+                if let Some(event) = self.execute(command).await? {
                     self.feed(event)?;
                 }
                 continue;
@@ -164,7 +185,7 @@ impl StackDriver {
                 // because the memory lacks what it needs. Resuming takes the
                 // state's own recovery path.
                 tracing::error!(machine = "stack", state = self.machine.state().name(), "no command queued in a busy state; resuming it");
-                tokio::time::sleep(self.settings.retry_backoff_min).await;
+                tokio::time::sleep(jittered(self.settings.retry_backoff_min, self.settings.poll_jitter_percent)).await;
                 self.feed(StackEvents::Resumed)?;
                 continue;
             }
@@ -270,7 +291,16 @@ impl StackDriver {
             }));
         }
 
-        let notices = notices_for(step, memory);
+        let mut notices = notices_for(step, memory);
+        if step.event == StackEvent::Pulled {
+            self.clock_problem_notified = false;
+        }
+        if notices.iter().any(|notice| notice.kind == "clock-problem") {
+            if self.clock_problem_notified {
+                notices.retain(|notice| notice.kind != "clock-problem");
+            }
+            self.clock_problem_notified = true;
+        }
         self.runtime.append_with_notices(records, &notices)?;
         failpoint::hit("stack", step.to.name(), Point::AfterPersist);
         Ok(())
@@ -331,12 +361,12 @@ impl StackDriver {
         }
     }
 
-    async fn execute(&mut self, command: StackCommand) -> Option<StackEvents> {
-        match command {
+    async fn execute(&mut self, command: StackCommand) -> Result<Option<StackEvents>, DriverError> {
+        let event = match command {
             StackCommand::Fetch => Some(self.fetch().await),
             StackCommand::Validate { commit } => Some(self.validate(commit).await),
             StackCommand::Pull { commit, plan } => Some(self.pull(commit, &plan).await),
-            StackCommand::AwaitPolicy { pulled_on_boot, .. } => Some(self.await_policy(pulled_on_boot).await),
+            StackCommand::AwaitPolicy { pulled_on_boot, .. } => Some(self.await_policy(pulled_on_boot).await?),
             StackCommand::Apply { release, purpose } => Some(self.apply(&release, purpose).await),
             StackCommand::WatchHealth { release, .. } => Some(self.watch_health(&release).await),
             StackCommand::KeepImages { keep, .. } => {
@@ -350,10 +380,15 @@ impl StackDriver {
                 self.backoff = Some(delay);
                 None
             }
-        }
+        };
+        Ok(event)
     }
 
     async fn fetch(&mut self) -> StackEvents {
+        // TODO: a fetch over HTTPS that fails on an expired or not yet valid
+        // certificate while the clock is unsynchronised is still a transient
+        // failure with backoff; sort it as a clock problem, as `pull_failure`
+        // does for registries.
         match self.git.fetch().await {
             Ok(tip) => {
                 tracing::debug!(machine = "stack", tip = %tip.short(), "fetched the device branch");
@@ -410,18 +445,7 @@ impl StackDriver {
                     tracing::info!(machine = "stack", image = %service.image, %digest, "pulled");
                     digests.insert(service.image.clone(), digest);
                 }
-                Err(error) => {
-                    let message = format!("commit {}: {error}", commit.short());
-                    let failure = match error {
-                        EngineError::ImageNotFound { .. }
-                        | EngineError::WrongPlatform { .. }
-                        | EngineError::BadReference { .. }
-                        | EngineError::NoDigest { .. } => Failure::rejected(message),
-                        EngineError::AccessDenied { .. } => Failure::local(message),
-                        _ => Failure::transient(message),
-                    };
-                    return StackEvents::PullFailed(failure);
-                }
+                Err(error) => return StackEvents::PullFailed(self.pull_failure(commit, error)),
             }
         }
 
@@ -433,23 +457,45 @@ impl StackDriver {
         StackEvents::Pulled(Release { commit, services })
     }
 
+    /// Sorts a pull error into how the machine handles it. A certificate
+    /// rejected as expired or not yet valid while the kernel reports the
+    /// clock unsynchronised is a clock problem, not a fault of the commit or
+    /// the registry.
+    fn pull_failure(&self, commit: CommitId, error: EngineError) -> Failure {
+        if error.is_certificate_validity() && !self.runtime.seams.clock.clock_synced() {
+            return Failure::clock(format!(
+                "clock problem: commit {}: {error}; the clock is not synchronised, so the certificate may only look invalid. The update stays pending and is retried; check the device's NTP access",
+                commit.short()
+            ));
+        }
+        let message = format!("commit {}: {error}", commit.short());
+        match error {
+            EngineError::ImageNotFound { .. } | EngineError::WrongPlatform { .. } | EngineError::BadReference { .. } | EngineError::NoDigest { .. } => {
+                Failure::rejected(message)
+            }
+            EngineError::AccessDenied { .. } => Failure::local(message),
+            _ => Failure::transient(message),
+        }
+    }
+
     /// Waits until the apply policy lets the pulled commit in, or until the
-    /// next poll is due, whichever comes first.
-    async fn await_policy(&mut self, pulled_on_boot: Option<[u8; 16]>) -> StackEvents {
+    /// next poll is due, whichever comes first. The gate persists why the
+    /// commit waits before this returns, and clears it before `PolicyAllows`.
+    /// Once the policy allows it, the machine waits for its turn to change
+    /// the device.
+    async fn await_policy(&mut self, pulled_on_boot: Option<[u8; 16]>) -> Result<StackEvents, DriverError> {
         let poll_at = Instant::now() + jittered(self.settings.poll_interval, self.settings.poll_jitter_percent);
+        let missing_images = self.pull_missing_images().await;
         let mut reported = false;
         loop {
-            let allowed = match self.settings.apply_policy {
-                ApplyPolicy::Immediate => true,
-                ApplyPolicy::OnBoot => pulled_on_boot.is_some_and(|pulled| pulled != self.runtime.seams.boot_id.boot_id()),
-            };
-            if allowed {
+            let booted_since_pull = pulled_on_boot.is_some_and(|pulled| pulled != self.runtime.seams.boot_id.boot_id());
+            if self.gate.check(booted_since_pull, missing_images.clone()).await? {
+                self.gate.finish()?;
                 let commit = self.machine.memory().attempt.as_ref().map(|attempt| attempt.target.short()).unwrap_or_default();
                 self.take_turn(format!("apply commit {commit}")).await;
-                return StackEvents::PolicyAllows;
+                return Ok(StackEvents::PolicyAllows);
             }
             if !reported {
-                tracing::info!(machine = "stack", policy = "on-boot", "images are pulled; the update is applied after the next boot");
                 let outcome = "images pulled; waiting for the apply policy".to_string();
                 self.runtime.report(Progress::Finished { machine: "stack".into(), outcome, ok: true });
                 reported = true;
@@ -457,13 +503,38 @@ impl StackDriver {
 
             let now = Instant::now();
             if now >= poll_at {
-                return StackEvents::Poll;
+                self.gate.pause()?;
+                return Ok(StackEvents::Poll);
             }
             tokio::select! {
-                _ = tokio::time::sleep((poll_at - now).min(Duration::from_secs(1))) => {}
-                _ = self.runtime.stack_wake.notified() => return StackEvents::Poll,
+                _ = tokio::time::sleep((poll_at - now).min(POLICY_CHECK_INTERVAL)) => {}
+                _ = self.runtime.stack_wake.notified() => {
+                    self.gate.pause()?;
+                    return Ok(StackEvents::Poll);
+                }
             }
         }
+    }
+
+    /// Pulls, by digest, every image of the pending release that is missing
+    /// locally, so that nothing is missing once the policy allows the update,
+    /// and returns why the update must wait when a pull fails. A pull is a
+    /// download only, so it may run outside a maintenance window.
+    async fn pull_missing_images(&mut self) -> Option<String> {
+        let release = self.machine.memory().attempt.as_ref().and_then(|attempt| attempt.pulled.clone())?;
+        for service in &release.services {
+            let pinned = service.pinned_reference();
+            if self.engine.has_image(&pinned).await {
+                continue;
+            }
+            tracing::info!(machine = "stack", image = %pinned, "pulled image is missing locally, pulling it again by digest");
+            if let Err(error) = self.engine.pull(&pinned, self.settings.pull_timeout).await {
+                let failure = self.pull_failure(release.commit, error);
+                tracing::warn!(machine = "stack", image = %pinned, error = %failure.message, "cannot pull a missing image; the update waits");
+                return Some(format!("image {pinned} is missing and cannot be pulled: {}", failure.message));
+            }
+        }
+        None
     }
 
     async fn apply(&mut self, release: &Release, purpose: ApplyPurpose) -> StackEvents {
@@ -612,6 +683,7 @@ fn notices_for(step: &Step, memory: &StackMemory) -> Vec<Notice> {
             (_, FailureKind::Rejected) => (Severity::Warning, "commit-rejected"),
             (_, FailureKind::Local) => (Severity::Error, "device-problem"),
             (_, FailureKind::Attention) => (Severity::Error, "needs-attention"),
+            (_, FailureKind::Clock) => (Severity::Warning, "clock-problem"),
             (_, FailureKind::Transient) => (Severity::Warning, "server-unreachable"),
         };
         let first_of_streak = failure.kind != FailureKind::Transient || memory.transient_failures <= 1;

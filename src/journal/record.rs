@@ -135,6 +135,22 @@ pub struct HostMemoryRecord {
     pub memory: HostMemory,
 }
 
+/// Reason a pulled update of one machine waits for its apply policy, and how
+/// long update locks have deferred it. An empty `reason` with zero
+/// `deferred_ms` means the update no longer waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyHoldRecord {
+    pub meta: RecordMeta,
+    /// A [`crate::machine::MachineKind`] code.
+    pub machine: u8,
+    /// The reason in words, such as `update lock held by file
+    /// /srv/shared/lock`, or empty when the update does not wait.
+    pub reason: String,
+    /// Monotonic milliseconds that update locks have deferred the pending
+    /// update, summed over boots.
+    pub deferred_ms: u64,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -151,6 +167,7 @@ pub enum Record {
     NotificationDropped(NotificationDroppedRecord),
     OutboxCounters(OutboxCountersRecord),
     HostMemory(HostMemoryRecord),
+    ApplyHold(ApplyHoldRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -173,6 +190,7 @@ pub mod tag {
     pub const NOTIFICATION_DROPPED: u8 = 98;
     pub const OUTBOX_COUNTERS: u8 = 99;
     pub const HOST_MEMORY: u8 = 48;
+    pub const APPLY_HOLD: u8 = 112;
 }
 
 /// Error for a payload with a known tag that does not decode.
@@ -207,6 +225,7 @@ impl Record {
             Record::NotificationDropped(_) => tag::NOTIFICATION_DROPPED,
             Record::OutboxCounters(_) => tag::OUTBOX_COUNTERS,
             Record::HostMemory(_) => tag::HOST_MEMORY,
+            Record::ApplyHold(_) => tag::APPLY_HOLD,
         }
     }
 
@@ -225,6 +244,7 @@ impl Record {
             Record::NotificationDropped(record) => &record.meta,
             Record::OutboxCounters(record) => &record.meta,
             Record::HostMemory(record) => &record.meta,
+            Record::ApplyHold(record) => &record.meta,
         }
     }
 
@@ -244,6 +264,7 @@ impl Record {
             Record::NotificationDropped(record) => postcard::to_stdvec(record),
             Record::OutboxCounters(record) => postcard::to_stdvec(record),
             Record::HostMemory(record) => postcard::to_stdvec(record),
+            Record::ApplyHold(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -268,6 +289,7 @@ impl Record {
             tag::NOTIFICATION_DROPPED => Record::NotificationDropped(parse(tag, payload)?),
             tag::OUTBOX_COUNTERS => Record::OutboxCounters(parse(tag, payload)?),
             tag::HOST_MEMORY => Record::HostMemory(parse(tag, payload)?),
+            tag::APPLY_HOLD => Record::ApplyHold(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))
@@ -313,6 +335,20 @@ mod tests {
 
         assert_eq!(record.tag(), 48);
         assert_eq!(decoded, Decoded::Known(record));
+    }
+
+    #[test]
+    fn apply_hold_round_trips() {
+        let record = Record::ApplyHold(ApplyHoldRecord {
+            meta: RecordMeta { boot_id: [7; 16], monotonic_ms: 5, wall_ms: 6, clock_synced: false },
+            machine: 1,
+            reason: "update lock held by file /srv/shared/lock".into(),
+            deferred_ms: 90_000,
+        });
+
+        let decoded = Record::decode(tag::APPLY_HOLD, &record.encode_payload());
+
+        assert_eq!(decoded, Ok(Decoded::Known(record)));
     }
 
     #[test]

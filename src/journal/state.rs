@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::journal::record::{
-    CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord,
+    ApplyHoldRecord, CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord,
     MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, StackMemoryRecord,
     TransitionRecord,
 };
@@ -65,6 +65,8 @@ pub struct JournalState {
     pub outbox: VecDeque<NotificationRecord>,
     pub notifications_delivered: u64,
     pub notifications_dropped: u64,
+    /// The last apply hold of each machine, by machine code.
+    pub apply_holds: BTreeMap<u8, ApplyHoldRecord>,
     history: History,
 }
 
@@ -84,6 +86,7 @@ impl JournalState {
             outbox: VecDeque::new(),
             notifications_delivered: 0,
             notifications_dropped: 0,
+            apply_holds: BTreeMap::new(),
             history,
         }
     }
@@ -165,6 +168,9 @@ impl JournalState {
                 self.notifications_dropped = self.notifications_dropped.max(counters.dropped);
             }
             Record::HostMemory(memory) => self.host_memory = Some(memory.memory.clone()),
+            Record::ApplyHold(hold) => {
+                self.apply_holds.insert(hold.machine, hold.clone());
+            }
         }
     }
 
@@ -197,6 +203,8 @@ impl JournalState {
             dropped: self.notifications_dropped,
         }));
         records.extend(self.outbox.iter().cloned().map(Record::Notification));
+        let held = self.apply_holds.values().filter(|hold| !hold.reason.is_empty() || hold.deferred_ms > 0);
+        records.extend(held.map(|hold| Record::ApplyHold(hold.clone())));
 
         let first_kept = self.transitions.len() - kept;
         records.extend(self.transitions.iter().skip(first_kept).map(|transition| Record::Transition(*transition)));
@@ -239,5 +247,40 @@ mod tests {
         }
 
         assert_eq!(rebuilt.host_memory, Some(memory));
+    }
+
+    fn hold(machine: u8, reason: &str, deferred_ms: u64) -> Record {
+        Record::ApplyHold(ApplyHoldRecord { meta: RecordMeta::default(), machine, reason: reason.into(), deferred_ms })
+    }
+
+    fn rebuilt_from(state: &JournalState) -> JournalState {
+        let mut rebuilt = JournalState::new(History::Recent);
+        for record in state.snapshot(RecordMeta::default(), KEPT_TRANSITIONS) {
+            rebuilt.apply(&record);
+        }
+        rebuilt
+    }
+
+    #[test]
+    fn snapshot_keeps_apply_hold() {
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&hold(1, "waiting for the next boot (policy on-boot)", 0));
+        state.apply(&hold(1, "update lock held by file /srv/shared/lock", 90_000));
+
+        let rebuilt = rebuilt_from(&state);
+
+        assert_eq!(rebuilt.apply_holds, state.apply_holds);
+        assert_eq!(rebuilt.apply_holds[&1].deferred_ms, 90_000);
+    }
+
+    #[test]
+    fn snapshot_drops_cleared_apply_hold() {
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&hold(1, "update lock held by file /srv/shared/lock", 90_000));
+        state.apply(&hold(1, "", 0));
+
+        let rebuilt = rebuilt_from(&state);
+
+        assert!(rebuilt.apply_holds.is_empty());
     }
 }

@@ -64,6 +64,7 @@ crate::define_machine! {
         Validating + Resumed [!can_resume] / abandon_after_crashes = Idle,
 
         Pulling + Pulled(Release) / hold_for_policy = Ready,
+        Pulling + PullFailed(Failure) [is_clock_problem] / wait_for_clock = Idle,
         Pulling + PullFailed(Failure) [is_rejection] / reject_target = Idle,
         Pulling + PullFailed(Failure) / retry_later = Idle,
         Pulling + Resumed [can_resume] / repull = Pulling,
@@ -315,6 +316,10 @@ impl StackStateMachineContext for StackContext {
         Ok(failure.kind == FailureKind::Attention)
     }
 
+    fn is_clock_problem(&self, failure: &Failure) -> Result<bool, ()> {
+        Ok(failure.kind == FailureKind::Clock)
+    }
+
     fn has_known_good(&self, _failure: &Failure) -> Result<bool, ()> {
         Ok(self.memory.known_good.is_some())
     }
@@ -397,6 +402,14 @@ impl StackStateMachineContext for StackContext {
             self.memory.needs_attention = Some(failure.message.clone());
         }
         self.retry_later(failure)
+    }
+
+    /// Leaves the attempt and the failure counters unchanged, because a
+    /// certificate that fails only because the clock is wrong is no fault of
+    /// the commit or the registry. The next poll tries the commit again.
+    fn wait_for_clock(&mut self, _failure: Failure) -> ActionResult {
+        self.memory.resumes = 0;
+        Ok(())
     }
 
     fn abandon_after_crashes(&mut self) -> ActionResult {
@@ -763,6 +776,24 @@ mod tests {
         assert_eq!(step.commands, vec![StackCommand::BackOff { failures: 1 }]);
         assert_eq!(machine.memory().rejected, None);
         assert_eq!(retried[1].2, StackState::Validating);
+    }
+
+    #[test]
+    fn clock_problem_keeps_commit_without_failure() {
+        let mut machine = fresh();
+        run(&mut machine, update_events(1));
+        run(&mut machine, vec![StackEvents::Poll, StackEvents::TipFetched(commit(2)), StackEvents::Valid(plan())]);
+        let before = machine.memory().clone();
+
+        let step = machine.handle(StackEvents::PullFailed(Failure::clock("certificate is not yet valid")), facts()).unwrap();
+
+        assert_eq!(step.to, StackState::Idle);
+        assert_eq!(step.commands, vec![]);
+        assert_eq!(machine.memory().rejected, None);
+        assert_eq!(machine.memory().transient_failures, before.transient_failures);
+        assert_eq!(machine.memory().attempt, before.attempt, "the commit stays the target");
+        assert_eq!(machine.memory().known_good, Some(release(1)));
+        assert_eq!(machine.memory().last_outcome, before.last_outcome);
     }
 
     #[test]

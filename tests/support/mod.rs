@@ -582,6 +582,8 @@ pub struct Transition {
     pub event: String,
     pub to: String,
     pub attempt: u32,
+    pub wall_ms: u64,
+    pub monotonic_ms: u64,
 }
 
 /// The agent binary under test, with a configuration and a journal in a
@@ -888,14 +890,58 @@ impl World {
     }
 
     pub fn agent(&self, extra_stack: &str) -> Agent {
+        self.agent_with_sections(extra_stack, "")
+    }
+
+    /// Configures an agent with `extra_sections` appended after `[stack]`,
+    /// such as `[stack.apply]` or `[seams]`.
+    pub fn agent_with_sections(&self, extra_stack: &str, extra_sections: &str) -> Agent {
         Agent::configure(AgentSetup {
             repository: self.git.url("stack.git"),
             branch: &self.repo.branch,
             project: self.project.clone(),
             extra_stack,
-            extra_sections: "",
+            extra_sections,
         })
     }
+}
+
+/// The file behind the agent's `[seams] clock_file`: the agent reads the wall
+/// time and the synchronised flag from it on every look at the clock.
+pub struct ClockFile {
+    pub directory: TempDir,
+    pub path: PathBuf,
+}
+
+impl ClockFile {
+    /// Creates the file with `time` (RFC 3339) and the synchronised flag.
+    pub fn new(time: &str, synced: bool) -> ClockFile {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let path = directory.path().join("clock");
+        let clock = ClockFile { directory, path };
+        clock.set(time, synced);
+        clock
+    }
+
+    /// Sets the wall time and the flag. The file is replaced by a rename, so
+    /// the agent never reads it half written.
+    pub fn set(&self, time: &str, synced: bool) {
+        let staging = self.directory.path().join("clock.new");
+        fs::write(&staging, format!("{time} {}\n", if synced { "synced" } else { "unsynced" })).unwrap();
+        fs::rename(&staging, &self.path).unwrap();
+    }
+
+    /// Returns the `[seams]` section that points the agent at this file.
+    pub fn section(&self) -> String {
+        format!("[seams]\nclock_file = \"{}\"\n", self.path.display())
+    }
+}
+
+/// Returns the milliseconds since the epoch of an RFC 3339 UTC time such as
+/// `2025-06-11T00:00:00Z`.
+pub fn epoch_ms(time: &str) -> u64 {
+    let output = run("date", &["--utc", "--date", time, "+%s"]);
+    output.trim().parse::<u64>().expect("date prints seconds") * 1000
 }
 
 /// A TCP proxy on a loopback port in front of the registry. While its limit
