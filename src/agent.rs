@@ -49,6 +49,9 @@ pub enum AgentError {
     #[error(transparent)]
     Driver(#[from] DriverError),
 
+    #[error(transparent)]
+    HostDriver(#[from] crate::driver::host::HostDriverError),
+
     /// A part of the agent could not start, such as the control socket.
     #[error("{0}")]
     Setup(String),
@@ -178,8 +181,15 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         machine: StackSettings { max_resumes: stack.max_resumes },
         signatures: signature_policy(config),
     };
-    let driver = StackDriver::new(runtime, engine, git, compose, settings);
-    driver.run().await?;
+    let host_engine = engine.clone();
+    let driver = StackDriver::new(runtime.clone(), engine, git, compose, settings);
+    match config.host.clone() {
+        Some(host) => tokio::select! {
+            result = driver.run() => result?,
+            result = crate::driver::host_schedule::run(runtime, host_engine, host) => result?,
+        },
+        None => driver.run().await?,
+    }
     Ok(())
 }
 

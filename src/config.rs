@@ -394,6 +394,15 @@ impl Default for SeamsConfig {
 /// `[host]`: how to reach and patch the Docker host over SSH.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HostConfig {
+    /// Time between two patch runs of the agent, jittered like the polls.
+    /// `autoupdate update-now --host` starts one at once.
+    #[serde(default = "default_host_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// When a patch run may start, and which locks defer it. Updating,
+    /// upgrading and rebooting all happen inside the run, so the whole run
+    /// waits for the policy. `on-boot` does not apply to the host.
+    #[serde(default)]
+    pub apply: ApplyConfig,
     /// Host name or IP address of the host's sshd. From a container, Docker's
     /// `host-gateway` name (for example `host.docker.internal`) reaches it.
     pub address: String,
@@ -468,6 +477,9 @@ pub struct HostConfig {
     pub reboot_command: String,
 }
 
+fn default_host_interval() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
 fn default_ssh_port() -> u16 {
     22
 }
@@ -868,6 +880,17 @@ fn check_stack(stack: &StackConfig, report: &mut impl FnMut(&str, String)) {
 }
 
 fn check_host(host: &HostConfig, report: &mut impl FnMut(&str, String)) {
+    if host.interval < Duration::from_secs(60) {
+        report("host.interval", "must be at least one minute".into());
+    }
+    if host.apply.policy == Some(PolicyKind::OnBoot) {
+        report("host.apply.policy", "on-boot does not apply to host patching: use immediate or window".into());
+    }
+    if let Err(apply_problems) = host.apply.policy() {
+        for (key, message) in apply_problems {
+            report(&format!("host.apply.{key}"), message);
+        }
+    }
     if host.address.trim().is_empty() || host.address.contains(char::is_whitespace) {
         report("host.address", format!("{:?} is not a host name or IP address", host.address));
     }

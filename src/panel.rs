@@ -47,6 +47,7 @@ impl Condition {
 pub enum Source {
     Agent,
     Stack,
+    Host,
 }
 
 /// Collects the condition of every source and publishes the one that wins.

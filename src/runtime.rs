@@ -52,6 +52,10 @@ pub struct Runtime {
     pub outbox_wake: Arc<Notify>,
     /// Wakes the stack machine for a check now.
     pub stack_wake: Arc<Notify>,
+    /// Starts a host patch run now.
+    pub host_wake: Arc<Notify>,
+    /// Whether this agent patches its host (`[host]` is configured).
+    pub host_patch_enabled: std::sync::atomic::AtomicBool,
     /// Maximum notifications kept in the outbox.
     pub outbox_capacity: usize,
     pub disks: Vec<WatchedDisk>,
@@ -70,6 +74,8 @@ impl Runtime {
             progress,
             outbox_wake: Arc::new(Notify::new()),
             stack_wake: Arc::new(Notify::new()),
+            host_wake: Arc::new(Notify::new()),
+            host_patch_enabled: std::sync::atomic::AtomicBool::new(false),
             outbox_capacity,
             disks,
         }

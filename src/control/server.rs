@@ -181,16 +181,20 @@ async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -
 }
 
 async fn update_now(runtime: Arc<Runtime>, update: UpdateNow) -> Response<Body> {
-    match update.process.as_str() {
-        "stack" => {}
+    let machine = match update.process.as_str() {
+        "stack" => "stack",
+        "host" if runtime.host_patch_enabled.load(std::sync::atomic::Ordering::SeqCst) => "host-patch",
         "self" | "host" => {
             return error(StatusCode::CONFLICT, &format!("the {} process is not set up on this agent", update.process));
         }
         other => return error(StatusCode::BAD_REQUEST, &format!("unknown process {other:?}; use stack, self or host")),
-    }
+    };
 
     let mut events = runtime.progress.subscribe();
-    runtime.stack_wake.notify_one();
+    match machine {
+        "host-patch" => runtime.host_wake.notify_one(),
+        _ => runtime.stack_wake.notify_one(),
+    }
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + UPDATE_STREAM_LIMIT;
@@ -201,7 +205,7 @@ async fn update_now(runtime: Arc<Runtime>, update: UpdateNow) -> Response<Body> 
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
                 Err(_) => Progress::Error { message: "the run goes on, but this stream has reached its time limit".into() },
             };
-            let finished = matches!(&event, Progress::Finished { machine, .. } if machine == "stack") || matches!(event, Progress::Error { .. });
+            let finished = matches!(&event, Progress::Finished { machine: done, .. } if done == machine) || matches!(event, Progress::Error { .. });
             let mut line = serde_json::to_vec(&event).expect("progress events serialize");
             line.push(b'\n');
             if sender.send(Bytes::from(line)).await.is_err() || finished {

@@ -5,6 +5,7 @@
 //! dropped connection until a deadline. The reboot command is sent once.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -18,10 +19,12 @@ use crate::journal::record::{HostMemoryRecord, MachineErrorRecord, TransitionRec
 use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
 use crate::machine::host::{
-    BootReport, HostCommand, Interruption, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostSettings, HostState, JobKind,
+    BootReport, HostCommand, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostOutcome, HostSettings, HostState, Interruption, JobKind,
     JobReport, JobStatus, RebootCheck, Step,
 };
 use crate::model::Failure;
+use crate::notify::{Notice, Severity};
+use crate::runtime::{Progress, Runtime};
 use crate::seams::Seams;
 
 /// Name of the machine in logs and failpoints.
@@ -47,6 +50,9 @@ pub struct HostDriver {
     seams: Seams,
     config: HostConfig,
     session: Option<SshSession>,
+    /// The running agent, when the driver runs inside it: steps are then
+    /// reported as progress and final steps queue notifications.
+    runtime: Option<Arc<Runtime>>,
 }
 
 impl HostDriver {
@@ -64,7 +70,26 @@ impl HostDriver {
             (state, journal.state().host_memory.clone().unwrap_or_default())
         };
         let settings = HostSettings { max_resumes: config.max_resumes, max_reboots: config.max_reboots };
-        HostDriver { machine: HostMachine::restore(state, memory, settings), queue: VecDeque::new(), journal, seams, config, session: None }
+        HostDriver {
+            machine: HostMachine::restore(state, memory, settings),
+            queue: VecDeque::new(),
+            journal,
+            seams,
+            config,
+            session: None,
+            runtime: None,
+        }
+    }
+
+    /// Runs inside the agent: reports progress and queues notifications.
+    pub fn with_runtime(mut self, runtime: Arc<Runtime>) -> HostDriver {
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// Tells whether no attempt is in progress.
+    pub fn is_resting(&self) -> bool {
+        self.machine.is_resting()
     }
 
     pub fn state(&self) -> HostState {
@@ -145,7 +170,20 @@ impl HostDriver {
             records.push(Record::MachineError(MachineErrorRecord { meta, machine: MachineKind::HostPatch.code(), message: message.clone() }));
         }
 
-        self.journal.lock().expect("no code panics while holding the journal lock").append(records)?;
+        match &self.runtime {
+            Some(runtime) => {
+                let notices = notices_for(step, self.machine.memory());
+                runtime.append_with_notices(records, &notices)?;
+                runtime.report(Progress::Step {
+                    machine: MACHINE.into(),
+                    from: step.from.name().into(),
+                    event: step.event.name().into(),
+                    to: step.to.name().into(),
+                    commit: None,
+                });
+            }
+            None => self.journal.lock().expect("no code panics while holding the journal lock").append(records)?,
+        }
         failpoint::hit(MACHINE, step.to.name(), Point::AfterPersist);
         Ok(())
     }
@@ -498,4 +536,21 @@ fn event_for(error: SshError) -> HostEvents {
         SshError::CommandTimedOut { .. } => HostEvents::CommandFailed(Failure::transient(message)),
         SshError::Connect { .. } | SshError::ConnectTimedOut { .. } | SshError::Disconnected { .. } => HostEvents::Unreachable(Failure::transient(message)),
     }
+}
+
+/// Returns the notifications of a step that ends an attempt: the outcome, at
+/// a severity that matches it.
+fn notices_for(step: &Step, memory: &HostMemory) -> Vec<Notice> {
+    let resting = matches!(step.to, HostState::Done | HostState::Failed);
+    let (Some(outcome), true) = (&memory.last_outcome, resting && step.from != step.to) else {
+        return Vec::new();
+    };
+    let (severity, kind) = match outcome {
+        HostOutcome::Patched { .. } => (Severity::Info, "host-patched"),
+        HostOutcome::Busy { .. } => (Severity::Warning, "host-busy"),
+        HostOutcome::HostKeyRejected { .. } => (Severity::Error, "host-key-rejected"),
+        HostOutcome::KernelNotActivated { .. } => (Severity::Error, "kernel-not-activated"),
+        HostOutcome::Failed { .. } => (Severity::Error, "host-patch-failed"),
+    };
+    vec![Notice { severity, kind, machine: MachineKind::HostPatch.code(), message: outcome.describe() }]
 }

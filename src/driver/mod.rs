@@ -14,3 +14,4 @@ pub mod process;
 pub mod ssh;
 pub mod signing;
 pub mod stack;
+pub mod host_schedule;

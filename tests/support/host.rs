@@ -311,6 +311,17 @@ impl TestHost {
 
     /// Writes a configuration for this host and returns its path. `extra`
     /// lines go into `[host]` and replace the lines with the same keys.
+    /// Returns a `[host]` section that reaches this host, for an agent
+    /// configuration, followed by `extra` lines.
+    pub fn host_section(&self, extra: &str) -> String {
+        format!(
+            "[host]\naddress = \"127.0.0.1\"\nport = {port}\nuser = \"root\"\nkey_file = \"{key}\"\nhost_key = \"[127.0.0.1]:{port} {host_key}\"\nconnect_timeout = \"10s\"\ncommand_timeout = \"60s\"\nreconnect_window = \"60s\"\nboot_timeout = \"90s\"\njob_poll_interval = \"1s\"\ndpkg_lock_wait = \"20s\"\nmin_free_mib = 64\nboot_id_command = \"cat /etc/eventpi-test/boot_id\"\nkernel_release_command = \"cat /etc/eventpi-test/kernel_release\"\nreboot_command = \"/usr/local/sbin/eventpi-test-reboot\"\n{extra}\n",
+            port = self.port,
+            key = self.key_file().display(),
+            host_key = self.host_key(),
+        )
+    }
+
     pub fn config(&self, extra: &str) -> PathBuf {
         let template = format!(
             r#"[agent]
