@@ -157,6 +157,7 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         timeout: stack.git_timeout,
         known_good_bundle: config.state_directory().join("known-good.bundle"),
         access,
+        memo: Default::default(),
     };
     let compose = Compose {
         command: compose_command,

@@ -86,6 +86,20 @@ pub struct GitMirror {
     pub known_good_bundle: PathBuf,
     /// Credentials and host key checking for the server.
     pub access: GitAccess,
+    /// What the last fetches established, so that a poll that finds nothing
+    /// new costs one `git ls-remote` and nothing else.
+    pub memo: std::sync::Arc<std::sync::Mutex<FetchMemo>>,
+}
+
+/// Facts about the clone that hold until a git command fails.
+#[derive(Debug, Default)]
+pub struct FetchMemo {
+    /// The clone passed the usability check since the last failure.
+    verified: bool,
+    /// The URL last written into the clone's `origin` remote.
+    origin_url: Option<String>,
+    /// The branch tip the last fetch brought into the clone.
+    fetched_tip: Option<CommitId>,
 }
 
 impl GitMirror {
@@ -126,19 +140,61 @@ impl GitMirror {
     /// Fetches the branch and returns its tip. Clones first on an empty
     /// device, and clones again beside a clone that git cannot use.
     pub async fn fetch(&self) -> Result<CommitId, GitError> {
-        if !self.is_usable().await {
+        let result = self.fetch_checked().await;
+        if result.is_err() {
+            *self.memo() = FetchMemo::default();
+        }
+        result
+    }
+
+    async fn fetch_checked(&self) -> Result<CommitId, GitError> {
+        let verified = self.memo().verified;
+        if !verified && !self.is_usable().await {
             self.clone_fresh().await?;
         }
+        self.memo().verified = true;
         remove_stale_locks(&self.checkout.join(".git"));
 
-        match self.fetch_once().await {
-            Ok(tip) => Ok(tip),
-            Err(error) if !error.blames_clone() => Err(error),
-            Err(error) => {
-                self.repair(&error).await?;
-                self.fetch_once().await
+        // A tip that the last fetch already brought needs no fetch: one ref
+        // advertisement from the server is the whole poll.
+        let fetched = self.memo().fetched_tip;
+        if let Some(fetched) = fetched {
+            if self.remote_tip().await? == fetched {
+                return Ok(fetched);
             }
         }
+
+        let tip = match self.fetch_once().await {
+            Ok(tip) => tip,
+            Err(error) if !error.blames_clone() => return Err(error),
+            Err(error) => {
+                self.repair(&error).await?;
+                self.fetch_once().await?
+            }
+        };
+        self.memo().fetched_tip = Some(tip);
+        Ok(tip)
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, FetchMemo> {
+        // The memo is a cache: a panic while it is held leaves nothing to
+        // repair, and clearing it only costs a full check at the next fetch.
+        self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Asks the server for the branch tip without fetching anything.
+    async fn remote_tip(&self) -> Result<CommitId, GitError> {
+        let reference = format!("refs/heads/{}", self.branch);
+        let spec = self.git(&self.checkout).args(["ls-remote", "--refs", &self.url, &reference]);
+        let output = process::run(&spec).await.map_err(|error| self.classify(error))?;
+        let line = output.stdout.lines().find(|line| line.ends_with(&format!("\t{reference}")));
+        let Some(line) = line else {
+            return Err(GitError::BranchMissing { url: self.url.clone(), branch: self.branch.clone() });
+        };
+        line.split('\t').next().unwrap_or_default().parse().map_err(|_| GitError::Unreachable {
+            url: self.url.clone(),
+            detail: format!("the server advertised {line:?} for {reference}, which is not a commit id"),
+        })
     }
 
     /// Clones the branch again beside a clone that failed with `error`, and
@@ -192,8 +248,12 @@ impl GitMirror {
     }
 
     async fn fetch_once(&self) -> Result<CommitId, GitError> {
-        let set_url = self.git(&self.checkout).args(["remote", "set-url", "origin", &self.url]);
-        process::run(&set_url).await?;
+        let url_set = self.memo().origin_url.as_deref() == Some(self.url.as_str());
+        if !url_set {
+            let set_url = self.git(&self.checkout).args(["remote", "set-url", "origin", &self.url]);
+            process::run(&set_url).await?;
+            self.memo().origin_url = Some(self.url.clone());
+        }
 
         let refspec = format!("+refs/heads/{}:{}", self.branch, self.remote_ref());
         let fetch = self.git(&self.checkout).args(["fetch", "--no-tags", "--prune", "--quiet", "origin", &refspec]);
@@ -435,6 +495,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             known_good_bundle: PathBuf::from("/srv/eventpi/known-good.bundle"),
             access: GitAccess::default(),
+            memo: Default::default(),
         }
     }
 
