@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup build example example-clean test diagrams lint clean-test-resources
+.PHONY: setup build example example-clean test bench diagrams lint clean-test-resources
 
 # Installs Compose v2, the registry, sshd, graphviz, busybox-static and the
 # cross linkers (Debian 12). Safe to run again.
@@ -30,6 +30,12 @@ test: setup
 	$(CARGO) build --release --bin autoupdate
 	$(CARGO) nextest run --features failpoints --profile ci
 	scripts/clean-test-resources.sh
+
+# Measures memory, binary sizes, poll cost, update time, the journal and the
+# handover, and prints them against their targets. Takes about 25 minutes:
+# BENCH_RSS_MINUTES (10) is the longest part. See docs/benchmarks.md.
+bench: setup
+	bench/run.sh
 
 # Regenerates the DOT diagrams from the transition lists and renders them.
 diagrams:

@@ -781,7 +781,7 @@ impl Parts {
         {
             report("seams.clock_file", format!("{} must be an absolute path", clock_file.display()));
         }
-        if self.agent.log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        if self.agent.log_level.parse::<tracing_subscriber::filter::Targets>().is_err() {
             report("agent.log_level", format!("{:?} is not a valid tracing filter, for example \"info\"", self.agent.log_level));
         }
         if let Some(stack) = &self.stack {

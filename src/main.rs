@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 use eventpi_autoupdate::config::{Config, ConfigError, HostPatchConfig, LogFormat};
 use eventpi_autoupdate::control::client::{self, ClientError, Endpoint};
@@ -187,6 +191,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
+            limit_heap_growth();
             let config = Config::load(&config)?;
             init_logging(cli.log_format, Some(config.agent.log_format), &config.agent.log_level);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -453,6 +458,21 @@ async fn host_patch(config: HostPatchConfig) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Keeps the agent's heap small over weeks of running. glibc raises its
+/// mmap threshold after a large buffer is freed, so later large buffers (a
+/// journal region read at start or refresh, a compose model) come from the
+/// heap and are never returned. A fixed threshold keeps them in their own
+/// mappings, which free returns, and one arena per two threads is plenty for
+/// an agent that mostly waits.
+fn limit_heap_growth() {
+    // SAFETY: mallopt only changes glibc allocator parameters; it is called
+    // before any thread of the runtime starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn machine_names() -> String {
     TABLES.iter().map(|table| table.machine.name()).collect::<Vec<_>>().join(", ")
 }
@@ -464,12 +484,15 @@ fn init_logging(argument: Option<LogFormatArgument>, configured: Option<LogForma
         (None, Some(LogFormat::Json)) => true,
         (None, _) => false,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AUTOUPDATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // `Targets` parses the usual `info,crate=debug` syntax without the regex
+    // engine that an `EnvFilter` brings, which keeps the binary smaller.
+    let from_environment = std::env::var("AUTOUPDATE_LOG").ok().and_then(|text| text.parse::<Targets>().ok());
+    let filter = from_environment.unwrap_or_else(|| level.parse::<Targets>().unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO)));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        tracing_subscriber::registry().with(layer.json().flatten_event(true).with_current_span(false).with_filter(filter)).init();
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        tracing_subscriber::registry().with(layer.with_ansi(std::io::stderr().is_terminal()).with_filter(filter)).init();
     }
 }
 
