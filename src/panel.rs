@@ -47,6 +47,8 @@ impl Condition {
 pub enum Source {
     Agent,
     Stack,
+    /// The space guard: "no space" while a watched filesystem is low.
+    Space,
 }
 
 /// Collects the condition of every source and publishes the one that wins.

@@ -13,4 +13,5 @@ pub mod host_script;
 pub mod process;
 pub mod ssh;
 pub mod signing;
+pub mod space;
 pub mod stack;

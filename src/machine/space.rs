@@ -284,12 +284,14 @@ pub enum SpaceCommand {
 }
 
 /// Limits the machine reads from the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpaceSettings {
     /// Agent restarts allowed in one busy state before it takes the failure path.
     pub max_resumes: u32,
     /// Whether a recorder action is configured.
     pub has_recorder: bool,
+    /// The Compose service of the managed project that the recorder is, if any.
+    pub recorder_service: Option<String>,
     /// Shortest time between two reclaims while a filesystem stays low.
     pub reclaim_interval_ms: u64,
     /// Forecasts within this many seconds warn.
@@ -298,7 +300,7 @@ pub struct SpaceSettings {
 
 impl Default for SpaceSettings {
     fn default() -> Self {
-        SpaceSettings { max_resumes: 5, has_recorder: false, reclaim_interval_ms: 15 * 60 * 1000, forecast_horizon_s: 24 * 3600 }
+        SpaceSettings { max_resumes: 5, has_recorder: false, recorder_service: None, reclaim_interval_ms: 15 * 60 * 1000, forecast_horizon_s: 24 * 3600 }
     }
 }
 
@@ -369,7 +371,8 @@ impl SpaceContext {
     }
 
     fn queue_stop(&mut self) {
-        self.memory.hold.get_or_insert_with(Hold::default);
+        let service = self.settings.recorder_service.clone();
+        self.memory.hold.get_or_insert(Hold { service });
         self.commands.push(SpaceCommand::StopRecorder);
     }
 
@@ -457,7 +460,8 @@ impl SpaceStateMachineContext for SpaceContext {
     }
 
     fn hold_recorder(&mut self) -> ActionResult {
-        self.memory.hold.get_or_insert_with(Hold::default);
+        let service = self.settings.recorder_service.clone();
+        self.memory.hold.get_or_insert(Hold { service });
         self.memory.recorder_stops += 1;
         self.memory.recorder_failures = 0;
         self.memory.needs_attention = None;
@@ -488,7 +492,8 @@ impl SpaceStateMachineContext for SpaceContext {
     /// recorder: the recorder may be stopped, and the hold makes sure it is
     /// started once the recordings have room.
     fn hold_after_restarts(&mut self) -> ActionResult {
-        self.memory.hold.get_or_insert_with(Hold::default);
+        let service = self.settings.recorder_service.clone();
+        self.memory.hold.get_or_insert(Hold { service });
         self.memory.needs_attention = Some("the agent restarted too often while stopping the recorder; check that it is stopped".into());
         Ok(())
     }
