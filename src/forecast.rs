@@ -48,7 +48,7 @@ pub fn crossing(samples: &[FreeSample], mark_bytes: f64) -> Option<Forecast> {
     let frees: Vec<f64> = samples.iter().map(|sample| sample.free_bytes).collect();
 
     let time_variance = times.iter().variance();
-    if !(time_variance > 0.0) {
+    if time_variance.is_nan() || time_variance <= 0.0 {
         return None;
     }
     let slope = times.iter().covariance(frees.iter()) / time_variance;
@@ -63,7 +63,7 @@ pub fn crossing(samples: &[FreeSample], mark_bytes: f64) -> Option<Forecast> {
 
     let quantile = StudentsT::new(0.0, 1.0, freedom).expect("freedom is at least 1, and location 0 and scale 1 are valid").inverse_cdf(CONFIDENCE);
     let pessimistic_slope = slope - quantile * slope_error;
-    if !(pessimistic_slope < 0.0) {
+    if pessimistic_slope.is_nan() || pessimistic_slope >= 0.0 {
         return None;
     }
 

@@ -268,10 +268,10 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
                 fill_host(&mut view, memory);
             }
         }
-        if kind == MachineKind::SpaceGuard {
-            if let Some(memory) = &state.space_memory {
-                fill_space(&mut view, memory);
-            }
+        if kind == MachineKind::SpaceGuard
+            && let Some(memory) = &state.space_memory
+        {
+            fill_space(&mut view, memory);
         }
         machines.push(view);
     }
@@ -412,7 +412,7 @@ pub fn render(status: &AgentStatus) -> String {
     for disk in &status.disks {
         let percent = if disk.total_bytes > 0 { disk.free_bytes * 100 / disk.total_bytes } else { 0 };
         let low = disk.low.as_ref().map(|what| format!(", LOW: {what} below the mark")).unwrap_or_default();
-        let inodes = if disk.total_inodes > 0 { format!(", {} % of inodes free", disk.free_inodes * 100 / disk.total_inodes) } else { String::new() };
+        let inodes = (disk.free_inodes * 100).checked_div(disk.total_inodes).map(|percent| format!(", {percent} % of inodes free")).unwrap_or_default();
         let _ = writeln!(text, "disk {}: {} % free ({} MiB){inodes} at {}{low}", disk.role, percent, disk.free_bytes / (1024 * 1024), disk.path);
     }
     let journal = &status.journal;

@@ -143,7 +143,7 @@ pub(super) fn check_space(space: &SpaceConfig, report: &mut impl FnMut(&str, Str
             report(key, "must be longer than zero".into());
         }
     }
-    if !(space.pull_size_factor >= 1.0) {
+    if space.pull_size_factor.is_nan() || space.pull_size_factor < 1.0 {
         report("space.pull_size_factor", format!("{} is below 1: a pull needs at least the size of its layers", space.pull_size_factor));
     }
 

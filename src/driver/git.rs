@@ -159,10 +159,10 @@ impl GitMirror {
         // On a full filesystem git fails with many messages; cloning again
         // cannot succeed there and would only add a second clone.
         let parent = self.checkout.parent().unwrap_or(Path::new("/"));
-        if let Ok(stats) = crate::driver::space::read_filesystem(parent) {
-            if stats.free_bytes < MIN_FREE_TO_CLONE || (stats.total_inodes > 0 && stats.free_inodes == 0) {
-                return Err(GitError::NoSpace { checkout: self.checkout.clone(), detail: error.to_string() });
-            }
+        if let Ok(stats) = crate::driver::space::read_filesystem(parent)
+            && (stats.free_bytes < MIN_FREE_TO_CLONE || (stats.total_inodes > 0 && stats.free_inodes == 0))
+        {
+            return Err(GitError::NoSpace { checkout: self.checkout.clone(), detail: error.to_string() });
         }
         tracing::warn!(checkout = %self.checkout.display(), %error, "git failed in the clone; cloning it again");
         self.clone_fresh().await?;

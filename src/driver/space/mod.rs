@@ -392,19 +392,18 @@ fn notices_for(step: &Step, memory: &SpaceMemory, sample: &Sample) -> Vec<Notice
         }
     }
 
-    if memory.forecast_warned && !step.before.forecast_warned {
-        if let (Some(forecast), Some(recordings)) = (sample.forecast, reading(Role::Recordings)) {
-            let time = humantime::format_duration(Duration::from_secs(forecast.seconds_to_mark / 60 * 60));
-            let rate = format_bytes(forecast.fill_bytes_per_hour);
-            notices.push(notice(
-                Severity::Warning,
-                "recordings-forecast",
-                format!(
-                    "the recordings on {} fill at up to {rate}/h and fall below {} % free in about {time}; delete recordings before then, or the recorder stops",
-                    recordings.path, recordings.marks.stop_below_percent
-                ),
-            ));
-        }
+    let newly_warned = memory.forecast_warned && !step.before.forecast_warned;
+    if newly_warned && let (Some(forecast), Some(recordings)) = (sample.forecast, reading(Role::Recordings)) {
+        let time = humantime::format_duration(Duration::from_secs(forecast.seconds_to_mark / 60 * 60));
+        let rate = format_bytes(forecast.fill_bytes_per_hour);
+        notices.push(notice(
+            Severity::Warning,
+            "recordings-forecast",
+            format!(
+                "the recordings on {} fill at up to {rate}/h and fall below {} % free in about {time}; delete recordings before then, or the recorder stops",
+                recordings.path, recordings.marks.stop_below_percent
+            ),
+        ));
     }
     notices
 }
