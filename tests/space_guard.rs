@@ -466,3 +466,34 @@ fn cleanup_with_every_filesystem_full() {
     assert!(agent.log().contains("reclaim finished"), "the guard reclaimed while the data filesystem was full");
     assert_eq!(container_state(&agent, "web"), "running");
 }
+
+#[test]
+fn power_cut_while_stopping_recorder() {
+    let world = World::new("space-0008");
+    let web = labelled_image(&world, "web", "v1", true);
+    let recorder = labelled_image(&world, "recorder", "v1", true);
+    let recordings = Tmpfs::mount(32);
+    let first = world.repo.commit("web and recorder", &[("compose.yaml", &compose_file(&[("web", &web), ("recorder", &recorder)]))]);
+    let mut agent =
+        world.agent_with_sections("", &space_section(&world, &recordings_section(&recordings.path))).with_env("AUTOUPDATE_FAILPOINT", "space-guard:StoppingRecorder:after-persist");
+    agent.start();
+    wait_until("the first commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
+
+    set_free_percent(&recordings.path, 10.0);
+    let exit = agent.wait_exit(STEP_TIMEOUT);
+    let status_after_cut = agent.status();
+    let recorder_after_cut = container_state(&agent, "recorder");
+    agent.set_env("AUTOUPDATE_FAILPOINT", None);
+    agent.start();
+    wait_until("the recorder to stop after the restart", STEP_TIMEOUT, Some(&agent), || container_state(&agent, "recorder") == "exited");
+    wait_until("the guard to hold the recorder", STEP_TIMEOUT, Some(&agent), || guard_transitions(&agent, "StoppingRecorder", "RecorderStopped", "Holding") == 1);
+    set_free_percent(&recordings.path, 50.0);
+    wait_until("the recorder to start again", STEP_TIMEOUT, Some(&agent), || container_state(&agent, "recorder") == "running");
+
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&exit), Some(libc::SIGKILL), "the failpoint killed the agent");
+    assert!(status_after_cut.contains("space-guard: StoppingRecorder"), "{status_after_cut}");
+    assert!(status_after_cut.contains("recorder held stopped (service recorder)"), "the hold was persisted before the stop:\n{status_after_cut}");
+    assert_eq!(recorder_after_cut, "running", "the stop had not run when the power was cut");
+    assert_eq!(guard_transitions(&agent, "StoppingRecorder", "Resumed", "StoppingRecorder"), 1, "the restart repeated the stop");
+    assert_eq!(guard_transitions(&agent, "Watching", "Sampled", "StoppingRecorder"), 1, "one stop decision");
+}
