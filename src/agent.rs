@@ -162,6 +162,9 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         docker_host: config.docker.host.clone(),
     };
     // The space guard runs beside the stack driver and never takes a turn.
+    // NOTE: it starts once the Docker engine answers, because stopping the
+    // recorder and reclaiming need the engine; until then nothing samples
+    // the filesystems.
     let (space_guard, pull_check) = crate::driver::space::setup::build(config, &engine, runtime.clone()).await;
     let settings = DriverSettings {
         poll_interval: stack.poll_interval,

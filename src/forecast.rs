@@ -13,7 +13,7 @@ use statrs::statistics::Statistics;
 /// Confidence of the pessimistic slope bound, one-sided.
 pub const CONFIDENCE: f64 = 0.95;
 
-/// Fewest samples a forecast needs: a line and one degree of freedom.
+/// Minimum samples for a forecast: a line and one degree of freedom.
 pub const MIN_SAMPLES: usize = 3;
 
 /// One reading of a filesystem's free bytes.
@@ -91,7 +91,7 @@ mod tests {
             .collect()
     }
 
-    /// The mark 10 GiB below the last sample of a steady 1 GiB/h series.
+    /// Returns the mark 10 GiB below the last sample of a steady 1 GiB/h series.
     fn mark() -> f64 {
         (50.0 - 2.0 - 10.0) * GIB
     }

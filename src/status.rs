@@ -39,7 +39,7 @@ pub struct AgentStatus {
     pub space: Option<SpaceView>,
 }
 
-/// What the space guard has done, for the status and the metrics.
+/// The space guard's hold and counters, for the status and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SpaceView {
     /// Whether the recorder is held stopped.
@@ -135,8 +135,8 @@ pub struct DiskView {
     pub free_bytes: u64,
     pub total_inodes: u64,
     pub free_inodes: u64,
-    /// What the space guard finds short on this filesystem, such as "free
-    /// inodes", while it counts the filesystem as below its mark.
+    /// The resource the space guard finds short on this filesystem, such as
+    /// "free inodes", while it counts the filesystem as below its mark.
     #[serde(default)]
     pub low: Option<String>,
 }

@@ -1,7 +1,7 @@
-//! The space guard against real filesystems and the real Docker engine:
-//! size-limited tmpfs mounts and a loop-mounted ext4 image with few inodes,
-//! filled for real, each standing in for one role, since the engine's own
-//! data root is far too large to fill.
+//! The space guard against real filesystems and the real Docker engine.
+//! Size-limited tmpfs mounts and a loop-mounted ext4 image with few inodes
+//! are filled for real, each standing in for one role, because the engine's
+//! own data root is far too large to fill.
 //!
 //! Reclaiming in these tests is limited with `space.reclaim.only_label` to
 //! objects that carry `eventpi.test.space=<registry port>`, a label only the
@@ -134,7 +134,7 @@ fn free_percent(path: &Path) -> f64 {
     stats.free_bytes as f64 * 100.0 / stats.total_bytes as f64
 }
 
-/// The label that limits this test's reclaiming to its own objects.
+/// Returns the label that limits this test's reclaiming to its own objects.
 fn space_label(world: &World) -> String {
     format!("eventpi.test.space={}", world.registry.port)
 }
@@ -197,8 +197,8 @@ fn control_get(agent: &Agent, path: &str) -> String {
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
 }
 
-/// `[space]` with a fast interval, reclaiming limited to the test's label,
-/// and `extra` tables after it.
+/// Returns `[space]` with a fast interval, reclaiming limited to the test's
+/// label, and `extra` tables after it.
 fn space_section(world: &World, extra: &str) -> String {
     format!("[space]\ninterval = \"500ms\"\nreclaim_interval = \"2s\"\n\n[space.reclaim]\nonly_label = \"{}\"\n\n{extra}", space_label(world))
 }
@@ -295,13 +295,15 @@ fn inode_exhaustion_reported_as_inodes() {
     let live = agent.live_status();
     let metrics = control_get(&agent, "/metrics");
 
-    assert!(created > 0 && stats.free_inodes == 0, "every inode is used: {stats:?}");
+    assert!(created > 0, "files were created");
+    assert_eq!(stats.free_inodes, 0, "every inode is used: {stats:?}");
     assert!(free_percent(&recordings.path) > 50.0, "bytes are plentiful");
     assert!(live.contains("LOW: free inodes below the mark"), "{live}");
     assert!(!live.contains("free space and free inodes"), "bytes are not reported short:\n{live}");
     let messages = notification_messages(&webhook);
     let (_, message) = messages.iter().find(|(kind, _)| kind == "space-low").unwrap();
-    assert!(message.contains("recordings filesystem") && message.contains("is low on free inodes"), "{message}");
+    assert!(message.contains("recordings filesystem"), "{message}");
+    assert!(message.contains("is low on free inodes"), "{message}");
     let low_line = metrics.lines().find(|line| line.starts_with("autoupdate_filesystem_low{role=\"recordings\"")).unwrap_or_default();
     assert!(low_line.ends_with(" 1"), "{low_line}");
     let inodes_line = metrics.lines().find(|line| line.starts_with("autoupdate_filesystem_free_inodes{role=\"recordings\"")).unwrap_or_default();

@@ -60,27 +60,34 @@ impl Default for SpaceConfig {
 /// filesystem's size, as unprivileged users see it (`f_bavail`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct FilesystemConfig {
-    /// A directory on the filesystem, as the agent's container sees it.
+    /// A directory on the filesystem, as a path inside the agent's container.
     pub path: PathBuf,
-    /// Default: 15 for recordings, 10 for the other roles.
+    /// Default: 15 for recordings, 10 for docker and root, 0 for reserved.
     pub stop_below_percent: Option<f64>,
-    /// Default: 20 for recordings, 15 for the other roles.
+    /// Default: 20 for recordings, 15 for docker and root, 0 for reserved.
     pub resume_above_percent: Option<f64>,
-    /// Default: 5.
+    /// Default: 5, and 0 for reserved.
     pub stop_below_inodes_percent: Option<f64>,
-    /// Default: 10.
+    /// Default: 10, and 0 for reserved.
     pub resume_above_inodes_percent: Option<f64>,
 }
 
 impl FilesystemConfig {
-    /// Returns the marks with the defaults of `role` filled in.
+    /// Returns the marks with the defaults of `role` filled in. The reserved
+    /// partition is reported but never low by default: the journal file on it
+    /// is allocated in full when it is created, so a nearly full reserved
+    /// partition is its normal state.
     pub fn marks(&self, role: Role) -> Marks {
-        let (stop, resume) = if role == Role::Recordings { (15.0, 20.0) } else { (10.0, 15.0) };
+        let (stop, resume, stop_inodes, resume_inodes) = match role {
+            Role::Recordings => (15.0, 20.0, 5.0, 10.0),
+            Role::Docker | Role::Root => (10.0, 15.0, 5.0, 10.0),
+            Role::Reserved => (0.0, 0.0, 0.0, 0.0),
+        };
         Marks {
             stop_below_percent: self.stop_below_percent.unwrap_or(stop),
             resume_above_percent: self.resume_above_percent.unwrap_or(resume),
-            stop_below_inodes_percent: self.stop_below_inodes_percent.unwrap_or(5.0),
-            resume_above_inodes_percent: self.resume_above_inodes_percent.unwrap_or(10.0),
+            stop_below_inodes_percent: self.stop_below_inodes_percent.unwrap_or(stop_inodes),
+            resume_above_inodes_percent: self.resume_above_inodes_percent.unwrap_or(resume_inodes),
         }
     }
 }

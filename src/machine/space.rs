@@ -706,7 +706,7 @@ mod tests {
         SpaceEvents::Reclaimed(ReclaimReport { freed_bytes: 100, sample })
     }
 
-    /// Drives a fresh machine until it holds the recorder.
+    /// Drives a fresh machine until it keeps the recorder stopped.
     fn holding() -> SpaceMachine {
         let mut machine = fresh();
         feed(&mut machine, recordings(14.0, 0));
@@ -874,8 +874,8 @@ mod tests {
         assert!(!machine.memory().forecast_warned);
     }
 
-    /// What a restart in each state repeats: one case per state, so a state
-    /// added without a case fails here.
+    /// Checks the command a restart repeats in each state. There is one case
+    /// per state, so a state added without a case fails here.
     #[test]
     fn restart_in_each_state_repeats_its_command() {
         for state in SpaceState::ALL.iter().copied() {
@@ -894,7 +894,7 @@ mod tests {
         }
     }
 
-    /// Where the agent ends up when it keeps dying in each state.
+    /// Checks where the machine ends when the agent keeps dying in each state.
     #[test]
     fn restart_loop_in_each_state_ends() {
         for state in SpaceState::ALL.iter().copied() {

@@ -46,11 +46,11 @@ pub struct FilesystemStats {
     pub total_inodes: u64,
     /// Inodes available to unprivileged users (`f_favail`).
     pub free_inodes: u64,
-    /// The device id of the path (`st_dev`), which tells filesystems apart.
+    /// The device id of the path (`st_dev`), which differs between filesystems.
     pub device: u64,
 }
 
-/// Reads the free space and inodes of the filesystem that holds `path`.
+/// Reads the free space and inodes of the filesystem that contains `path`.
 pub fn read_filesystem(path: &Path) -> std::io::Result<FilesystemStats> {
     use std::os::unix::fs::MetadataExt;
 

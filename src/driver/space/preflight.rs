@@ -47,7 +47,7 @@ impl std::fmt::Debug for PullCheck {
 #[error("{0}")]
 pub struct NoRoom(pub String);
 
-/// What the images of one pull need.
+/// The space the images of one pull need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PullEstimate {
     pub compressed_bytes: u64,

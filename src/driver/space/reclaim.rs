@@ -1,13 +1,14 @@
 //! Reclaiming Docker space, one step at a time: stopped containers of no
 //! managed stack, dangling images, unused images, and the build cache.
 //!
-//! Never removed: volumes, any container of the managed Compose project (a
-//! stopped database is still data), the held recorder's container, images
-//! used by any container, images with a keep-tag (`autoupdate-keep/...`),
-//! images of the running, known-good or pending release, and anything that
-//! carries the configured keep label. bollard 0.21 has no system-prune call,
-//! and the image prune call would also remove untagged images that a digest
-//! pins, so every removal here is one API call on one object.
+//! Never removed: volumes and any container of the managed Compose project,
+//! because a stopped database is still data. The recorder's container, images
+//! used by any container and images with a keep-tag (`autoupdate-keep/...`)
+//! stay too. So do the images of the running, known-good or pending release,
+//! and anything with the configured keep label. bollard 0.21 has no
+//! system-prune call, and the image prune call would also remove untagged
+//! images that a digest pins, so every removal here is one API call on one
+//! object.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ pub enum ReclaimError {
     Api { call: &'static str, source: bollard::errors::Error },
 }
 
-/// What reclaiming may touch.
+/// Limits on what reclaiming removes.
 #[derive(Debug, Clone, Default)]
 pub struct ReclaimSettings {
     /// The managed Compose project; its containers are never removed.
@@ -187,7 +188,7 @@ impl Reclaimer {
     }
 
     /// Removes every reference of one image without force, then the image
-    /// itself, and tells whether it is gone. Docker refuses each removal
+    /// itself, and returns whether it is gone. Docker refuses each removal
     /// while a container uses the image, even one created after the listing.
     async fn remove_image(&self, id: &str, references: &[String]) -> bool {
         let options = || RemoveImageOptionsBuilder::default().force(false).noprune(false).build();

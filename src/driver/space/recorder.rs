@@ -9,7 +9,7 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBu
 use crate::driver::docker::{Engine, ONEOFF_LABEL, PROJECT_LABEL, SERVICE_LABEL};
 use crate::driver::process::{self, CommandSpec};
 
-/// How the recorder is stopped and started.
+/// The way the recorder is stopped and started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecorderAction {
     /// A container by name.
@@ -87,6 +87,10 @@ impl Recorder {
     }
 
     /// Starts the recorder; starting a running recorder succeeds.
+    ///
+    /// NOTE: a held Compose service whose image or settings an update changed
+    /// starts again in its old container; the next stack update that runs
+    /// `compose up` with it recreates the container.
     pub async fn start(&self) -> Result<(), RecorderError> {
         match &self.action {
             RecorderAction::Container(name) => self.start_container(name).await,
@@ -107,7 +111,7 @@ impl Recorder {
     async fn stop_container(&self, name: &str) -> Result<(), RecorderError> {
         let seconds = i32::try_from(self.timeout.as_secs()).unwrap_or(i32::MAX);
         let options = StopContainerOptionsBuilder::default().t(seconds).build();
-        // Docker answers 304 for a stopped container, which bollard returns as success.
+        // Docker returns 304 for a stopped container, which bollard treats as success.
         let stop = self.engine.api().stop_container(name, Some(options));
         match tokio::time::timeout(self.timeout + Duration::from_secs(30), stop).await {
             Ok(result) => result.map_err(|source| RecorderError::Api { action: "stop", container: name.to_string(), source }),

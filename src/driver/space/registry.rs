@@ -1,10 +1,10 @@
 //! Reads an image's layer sizes from its registry's manifest over HTTP(S),
 //! with the credentials the daemon gets for pulls.
 //!
-//! It follows the registry API as Docker's distribution code does: a
-//! manifest request with the image and index media types, one retry with
-//! basic authentication or a bearer token after a 401, and for an index the
-//! manifest of the device's platform. Registries that the daemon treats as
+//! It follows the registry API (the OCI distribution specification) the way
+//! the Docker daemon uses it. A manifest request accepts the image and index
+//! media types, and a 401 gets one retry with basic authentication or a
+//! bearer token. For an index it reads the manifest of the device's platform. Registries that the daemon treats as
 //! insecure are tried over HTTPS first and then over plain HTTP.
 
 use std::net::IpAddr;
@@ -38,8 +38,8 @@ pub enum ManifestError {
     #[error("cannot reach the registry of {image}: {detail}")]
     Unreachable { image: String, detail: String },
 
-    /// The registry answered with an error status.
-    #[error("registry answered {status} for the manifest of {image}")]
+    /// The registry returned an error status.
+    #[error("registry returned {status} for the manifest of {image}")]
     Status { image: String, status: StatusCode },
 
     /// The manifest is not JSON of a known kind, or has no entry for the platform.
@@ -50,7 +50,7 @@ pub enum ManifestError {
 /// Size of an image as its manifest gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestSize {
-    /// `sha256:...` of the manifest the registry served, when it said.
+    /// `sha256:...` of the manifest, from the `Docker-Content-Digest` header.
     pub digest: Option<String>,
     /// Sum of the compressed layers and the config blob, in bytes.
     pub compressed_bytes: u64,
@@ -140,7 +140,7 @@ impl Session<'_> {
         self.get(path, authorization.as_deref()).await
     }
 
-    /// Returns the `Authorization` header value that answers `challenge`.
+    /// Returns the `Authorization` header value for the `challenge` of a 401.
     async fn authorization(&self, challenge: &str) -> Result<Option<String>, ManifestError> {
         let basic = self.basic();
         if challenge.to_ascii_lowercase().starts_with("basic") {
