@@ -211,9 +211,10 @@ fn check_recorder(recorder: &RecorderConfig, report: &mut impl FnMut(&str, Strin
         report("space.recorder", "set exactly one of container, service, or stop_command with start_command".into());
     }
     if commands {
-        for (key, command) in [("space.recorder.stop_command", &recorder.stop_command), ("space.recorder.start_command", &recorder.start_command)] {
+        for (action, command) in [("stop", &recorder.stop_command), ("start", &recorder.start_command)] {
             if command.first().is_none_or(|program| program.trim().is_empty()) {
-                report(key, "must name a program with its arguments, for example [\"/usr/local/bin/recorder\", \"stop\"]".into());
+                let example = format!("[\"/usr/local/bin/recorder\", \"{action}\"]");
+                report(&format!("space.recorder.{action}_command"), format!("must name a program with its arguments, for example {example}"));
             }
         }
     }
