@@ -322,7 +322,7 @@ fn cleanup_keeps_known_good_for_offline_revert() {
     let docker_root = Tmpfs::mount(32);
     let extra = format!("[space.docker]\npath = \"{}\"\n", docker_root.path.display());
     let first = world.repo.commit("web v1", &[("compose.yaml", &compose_file(&[("web", &good)]))]);
-    let mut agent = world.agent_with_sections("probation = \"45s\"", &space_section(&world, &extra));
+    let mut agent = world.agent_with_sections("probation = \"25s\"", &space_section(&world, &extra));
     agent.start();
     wait_until("the first commit to become known-good", Duration::from_secs(240), Some(&agent), || agent.known_good_is(&first));
 
@@ -498,4 +498,47 @@ fn power_cut_while_stopping_recorder() {
     assert_eq!(recorder_after_cut, "running", "the stop had not run when the power was cut");
     assert_eq!(guard_transitions(&agent, "StoppingRecorder", "Resumed", "StoppingRecorder"), 1, "the restart repeated the stop");
     assert_eq!(guard_transitions(&agent, "Watching", "Sampled", "StoppingRecorder"), 1, "one stop decision");
+}
+
+#[test]
+fn cleanup_checks_pull_size_with_registry_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let password = format!("Pw-{}-space", std::process::id());
+    let registry = support::Registry::start_with_auth("device", &password);
+    let git = support::GitServer::start();
+    let repo = support::StackRepo::create(&git, "space-0009");
+    let large = push_large_image(&registry, "big", "v1", 24);
+    let docker_root = Tmpfs::mount(48);
+    let sections = format!(
+        "[space]\ninterval = \"500ms\"\n\n[space.reclaim]\nonly_label = \"eventpi.test.space={}\"\n\n[space.docker]\npath = \"{}\"\n",
+        registry.port,
+        docker_root.path.display()
+    );
+    let mut agent = Agent::configure(support::AgentSetup {
+        repository: git.url("stack.git"),
+        branch: "space-0009",
+        project: format!("eventpi-test-{}", registry.port),
+        extra_stack: "",
+        extra_sections: &sections,
+    });
+    let password_file = agent.directory.path().join("secrets/registry-password");
+    fs::create_dir_all(password_file.parent().unwrap()).unwrap();
+    fs::write(&password_file, format!("{password}\n")).unwrap();
+    fs::set_permissions(&password_file, fs::Permissions::from_mode(0o600)).unwrap();
+    agent.append_config(&format!("[[registry]]\nhost = \"{}\"\nusername = \"device\"\npassword_file = \"{}\"", registry.address(), password_file.display()));
+    repo.commit("a large image", &[("compose.yaml", &compose_file(&[("big", &large)]))]);
+
+    agent.start();
+    wait_until("the pull to be refused", STEP_TIMEOUT, Some(&agent), || agent.status().contains("not enough space to pull the images"));
+
+    let registry_log = registry.log();
+    assert!(registry_log.contains("GET /v2/big/manifests/v1"), "the check read the manifest");
+    assert!(!registry_log.contains("GET /v2/big/blobs/sha256"), "no layer was downloaded");
+    let log = agent.log();
+    assert!(log.contains("MiB compressed"), "the size came from the manifest behind the login");
+    assert!(!log.contains("(0 B compressed"), "the manifest was read");
+    assert!(!log.contains(&password), "the password is not logged");
+    assert!(!agent.status().contains(&password), "the password is not in the status");
+    assert!(project_containers(&agent.project).is_empty(), "nothing was started");
 }
