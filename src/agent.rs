@@ -2,7 +2,6 @@
 //! Docker engine, and runs the machines until a stop signal arrives.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ use crate::machine::stack::StackSettings;
 use crate::notify::SenderSettings;
 use crate::panel::{self, Board, Condition, Source};
 use crate::platform::Platform;
-use crate::runtime::{Runtime, SharedJournal, WatchedDisk};
+use crate::runtime::{Runtime, SharedJournal};
 use crate::seams::Seams;
 
 /// Time between two attempts to reach the Docker engine at start.
@@ -52,6 +51,9 @@ pub enum AgentError {
     #[error(transparent)]
     HostDriver(#[from] crate::driver::host::HostDriverError),
 
+    #[error(transparent)]
+    Space(#[from] crate::driver::space::SpaceDriverError),
+
     /// A part of the agent could not start, such as the control socket.
     #[error("{0}")]
     Setup(String),
@@ -80,10 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         (Some(_), Some(path)) => Some(crate::notify::read_secret(path).map_err(AgentError::Setup)?),
         _ => None,
     };
-    let disks = vec![
-        WatchedDisk { role: "reserved".into(), path: config.journal.directory.clone() },
-        WatchedDisk { role: "stack".into(), path: config.stack.checkout.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/")) },
-    ];
+    let disks = crate::driver::space::setup::watched_disks(&config);
     let runtime = Arc::new(Runtime::new(device_name(&config), journal, seams, config.notifications.max_pending, disks));
     runtime.board.set(Source::Agent, Some(Condition::Starting));
     let panel_task = tokio::spawn(panel::run_simulated(runtime.board.subscribe()));
@@ -166,6 +165,11 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         timeout: stack.compose_timeout,
         docker_host: config.docker.host.clone(),
     };
+    // The space guard runs beside the stack driver and never takes a turn.
+    // NOTE: it starts once the Docker engine answers, because stopping the
+    // recorder and reclaiming need the engine; until then nothing samples
+    // the filesystems.
+    let (space_guard, pull_check) = crate::driver::space::setup::build(config, &engine, runtime.clone()).await;
     let settings = DriverSettings {
         poll_interval: stack.poll_interval,
         poll_jitter_percent: stack.poll_jitter_percent,
@@ -181,15 +185,20 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         factory_reset_timeout: stack.factory_reset_timeout,
         machine: StackSettings { max_resumes: stack.max_resumes },
         signatures: signature_policy(config),
+        pull_check: Some(pull_check),
     };
     let host_engine = engine.clone();
     let driver = StackDriver::new(runtime.clone(), engine, git, compose, settings);
-    match config.host.clone() {
-        Some(host) => tokio::select! {
-            result = driver.run() => result?,
-            result = crate::driver::host_schedule::run(runtime, host_engine, host) => result?,
-        },
-        None => driver.run().await?,
+    let host_patches = async {
+        match config.host.clone() {
+            Some(host) => crate::driver::host_schedule::run(runtime, host_engine, host).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = driver.run() => result?,
+        result = space_guard.run() => result?,
+        result = host_patches => result?,
     }
     Ok(())
 }

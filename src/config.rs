@@ -13,8 +13,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+pub mod space;
 pub mod trust;
 
+pub use space::SpaceConfig;
 pub use trust::{GitConfig, RegistryConfig, Transport};
 
 /// The whole configuration file.
@@ -33,6 +35,7 @@ pub struct Config {
     pub git: GitConfig,
     /// `[[registry]]` entries, one per registry host that needs credentials.
     pub registries: Vec<RegistryConfig>,
+    pub space: SpaceConfig,
     /// Settings that still work but should be rewritten, such as a key that
     /// moved.
     pub warnings: Vec<Problem>,
@@ -625,6 +628,7 @@ impl Config {
             host: parts.host,
             git: parts.git,
             registries: parts.registries,
+            space: parts.space,
             warnings: parts.warnings,
         })
     }
@@ -659,6 +663,7 @@ struct Parts {
     host: Option<HostConfig>,
     git: GitConfig,
     registries: Vec<RegistryConfig>,
+    space: SpaceConfig,
     warnings: Vec<Problem>,
 }
 
@@ -684,15 +689,16 @@ impl Parts {
         let host = sections.present::<HostConfig>(&mut table, "host", needs.host);
         let git = sections.optional::<GitConfig>(&mut table, "git");
         let registries = sections.array::<RegistryConfig>(&mut table, "registry");
+        let space = sections.optional::<SpaceConfig>(&mut table, "space");
         for unknown in table.keys() {
             sections.problem(
                 unknown,
-                "unknown section or key; the sections are agent, journal, docker, stack, git, [[registry]], control, notifications, panel, seams and host",
+                "unknown section or key; the sections are agent, journal, docker, stack, git, [[registry]], control, notifications, panel, seams, host and space",
             );
         }
 
         let mut problems = sections.problems;
-        let sections = (agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries);
+        let sections = (agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries, space);
         match sections {
             (
                 Some(agent),
@@ -706,8 +712,9 @@ impl Parts {
                 Some(host),
                 Some(git),
                 Some(registries),
+                Some(space),
             ) if problems.is_empty() => {
-                let mut parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries, warnings: Vec::new() };
+                let mut parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries, space, warnings: Vec::new() };
                 problems.extend(parts.migrate(text));
                 problems.extend(parts.check(text));
                 if problems.is_empty() { Ok(parts) } else { Err(problems) }
@@ -776,6 +783,7 @@ impl Parts {
             report("control.tcp_port", "must be a port number from 1 to 65535".into());
         }
         check_notifications(&self.notifications, &mut report);
+        space::check_space(&self.space, &mut report);
         if let Some(clock_file) = &self.seams.clock_file
             && !clock_file.is_absolute()
         {
@@ -1010,7 +1018,8 @@ impl Sections<'_> {
         }
 
         let mut unknown = Vec::new();
-        let mut collect = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        // serde_ignored writes `?` for the `Some` of an optional table; the key has no such part.
+        let mut collect = |path: serde_ignored::Path<'_>| unknown.push(path.to_string().replace(".?.", "."));
         let ignoring = serde_ignored::Deserializer::new(value, &mut collect);
         let result = serde_path_to_error::deserialize::<_, T>(ignoring);
         for key in unknown {
@@ -1289,6 +1298,44 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].key, "stack.apply.windows");
+    }
+
+    #[test]
+    fn space_section_is_read() {
+        let text = format!("{MINIMAL}\n[space]\ninterval = \"10s\"\n[space.recordings]\npath = \"/srv/recordings\"\nstop_below_percent = 12.5\n[space.recorder]\nservice = \"recorder\"\n");
+
+        let config = Config::parse(&text).unwrap();
+
+        let recordings = config.space.recordings.as_ref().unwrap();
+        assert_eq!(config.space.interval, Duration::from_secs(10));
+        assert_eq!(recordings.marks(crate::machine::space::Role::Recordings).stop_below_percent, 12.5);
+        assert_eq!(recordings.marks(crate::machine::space::Role::Recordings).resume_above_percent, 20.0);
+        assert_eq!(config.space.recorder.as_ref().and_then(|recorder| recorder.service.as_deref()), Some("recorder"));
+    }
+
+    #[test]
+    fn space_problems_have_keys_and_lines() {
+        let text = format!(
+            "{MINIMAL}\n[space]\npull_size_factor = 0.5\n[space.docker]\npath = \"relative\"\nstop_below_percent = 30\nresume_above_percent = 20\nsize = 3\n[space.recorder]\ncontainer = \"rec\"\nservice = \"rec\"\n"
+        );
+
+        let problems = Config::parse(&text).unwrap_err();
+        let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
+
+        assert_eq!(found, vec![("space.docker.size", Some(16))]);
+        let fixed = text.replace("size = 3\n", "");
+        let problems = Config::parse(&fixed).unwrap_err();
+        let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
+        assert_eq!(
+            found,
+            vec![
+                ("space.pull_size_factor", Some(11)),
+                ("space.docker.path", Some(13)),
+                ("space.docker.resume_above_percent", Some(15)),
+                ("space.recorder", Some(16)),
+                ("space.recorder", Some(16)),
+            ]
+        );
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //!   the Docker host over SSH ([`driver::ssh`]) with jobs detached on the host.
 //! - [`credentials`] and [`secret`]: registry and git credentials read from
 //!   owner-only files, and the redaction that keeps them out of every output.
+//! - [`forecast`]: the least-squares trend of free space and when its
+//!   pessimistic bound crosses a mark; [`driver::space`] runs the space guard
+//!   ([`machine::space`]) with it.
 //! - [`policy`]: apply policies (immediate, on-boot, maintenance windows in a
 //!   time zone, update locks), decided from facts the drivers gather.
 
@@ -21,6 +24,7 @@ pub mod machine;
 pub mod model;
 pub mod kernel;
 pub mod policy;
+pub mod forecast;
 pub mod config;
 pub mod failpoint;
 pub mod journal;

@@ -112,6 +112,23 @@ impl Metrics {
             let _ = writeln!(text, "autoupdate_filesystem_free_inodes{{role=\"{}\",path=\"{}\"}} {}", escape(&disk.role), escape(&disk.path), disk.free_inodes);
         }
 
+        family(&mut text, "autoupdate_filesystem_size_inodes", "gauge", "Inodes of each watched filesystem; 0 without an inode limit.");
+        for disk in &status.disks {
+            let _ = writeln!(text, "autoupdate_filesystem_size_inodes{{role=\"{}\",path=\"{}\"}} {}", escape(&disk.role), escape(&disk.path), disk.total_inodes);
+        }
+        family(&mut text, "autoupdate_filesystem_low", "gauge", "1 while the space guard counts a filesystem as below its mark.");
+        for disk in &status.disks {
+            let _ = writeln!(text, "autoupdate_filesystem_low{{role=\"{}\",path=\"{}\"}} {}", escape(&disk.role), escape(&disk.path), u8::from(disk.low.is_some()));
+        }
+        if let Some(space) = &status.space {
+            family(&mut text, "autoupdate_recorder_held", "gauge", "1 while the space guard holds the recorder stopped.");
+            let _ = writeln!(text, "autoupdate_recorder_held {}", u8::from(space.recorder_held));
+            family(&mut text, "autoupdate_recorder_stops_total", "counter", "Times the space guard stopped the recorder.");
+            let _ = writeln!(text, "autoupdate_recorder_stops_total {}", space.recorder_stops);
+            family(&mut text, "autoupdate_space_reclaimed_bytes_total", "counter", "Bytes freed by reclaiming Docker space, as Docker reported them.");
+            let _ = writeln!(text, "autoupdate_space_reclaimed_bytes_total {}", space.reclaimed_bytes);
+        }
+
         family(&mut text, "autoupdate_journal_used_bytes", "gauge", "Bytes used in the journal's active region.");
         let _ = writeln!(text, "autoupdate_journal_used_bytes {}", status.journal.used_bytes);
         family(&mut text, "autoupdate_journal_region_bytes", "gauge", "Size of one journal region; compaction runs at 75 %.");

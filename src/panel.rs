@@ -48,6 +48,8 @@ pub enum Source {
     Agent,
     Stack,
     Host,
+    /// The space guard: "no space" while a watched filesystem is low.
+    Space,
 }
 
 /// Collects the condition of every source and publishes the one that wins.

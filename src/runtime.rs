@@ -120,6 +120,7 @@ impl Runtime {
         status.led = Some(self.board.shown().name().to_string());
         status::add_turns(&mut status, &self.coordinator.snapshot());
         status.disks = self.disks.iter().filter_map(|disk| status::disk(&disk.role, &disk.path)).collect();
+        crate::driver::space::annotate_status(&mut status, &self.journal);
         status
     }
 }

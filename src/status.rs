@@ -12,6 +12,7 @@ use crate::coordinator::Snapshot;
 use crate::journal::Journal;
 use crate::journal::record::RecordMeta;
 use crate::machine::host::{HostMemory, HostOutcome};
+use crate::machine::space::SpaceMemory;
 use crate::machine::stack::{Outcome, StackMemory, StackState};
 use crate::machine::{MachineKind, describe_machine, describe_state};
 use crate::model::Release;
@@ -33,6 +34,22 @@ pub struct AgentStatus {
     pub outbox: OutboxView,
     pub disks: Vec<DiskView>,
     pub journal: JournalView,
+    /// The space guard's counters, once it has written its memory.
+    #[serde(default)]
+    pub space: Option<SpaceView>,
+}
+
+/// The space guard's hold and counters, for the status and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SpaceView {
+    /// Whether the recorder is held stopped.
+    pub recorder_held: bool,
+    pub recorder_stops: u32,
+    pub recorder_starts: u32,
+    /// Bytes freed by reclaiming over the life of the device.
+    pub reclaimed_bytes: u64,
+    /// Roles of the filesystems below their marks.
+    pub low: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +135,10 @@ pub struct DiskView {
     pub free_bytes: u64,
     pub total_inodes: u64,
     pub free_inodes: u64,
+    /// The resource the space guard finds short on this filesystem, such as
+    /// "free inodes", while it counts the filesystem as below its mark.
+    #[serde(default)]
+    pub low: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -171,6 +192,24 @@ fn fill_stack(view: &mut MachineView, memory: &StackMemory, state: Option<StackS
         commit: rejection.commit.to_string(),
         reason: rejection.reason.trim_start_matches(&format!("commit {}: ", rejection.commit.short())).to_string(),
     });
+    view.needs_attention = memory.needs_attention.clone();
+}
+
+fn fill_space(view: &mut MachineView, memory: &SpaceMemory) {
+    for low in &memory.low {
+        view.notes.push(format!("{} filesystem {} is below its mark: {}", low.role, low.path, low.shortage.describe()));
+    }
+    if let Some(hold) = &memory.hold {
+        let service = hold.service.as_ref().map(|service| format!(" (service {service})")).unwrap_or_default();
+        view.notes.push(format!("recorder held stopped{service} until the recordings filesystem is above its resume mark"));
+    }
+    if memory.forecast_warned {
+        view.notes.push("the recordings are forecast to reach their stop mark within the forecast horizon".into());
+    }
+    if memory.reclaimed_bytes > 0 {
+        let mib = memory.reclaimed_bytes / (1024 * 1024);
+        view.notes.push(format!("reclaimed {mib} MiB of Docker space in total"));
+    }
     view.needs_attention = memory.needs_attention.clone();
 }
 
@@ -229,6 +268,11 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
                 fill_host(&mut view, memory);
             }
         }
+        if kind == MachineKind::SpaceGuard
+            && let Some(memory) = &state.space_memory
+        {
+            fill_space(&mut view, memory);
+        }
         machines.push(view);
     }
     for code in state.machines.keys().filter(|code| MachineKind::from_code(**code).is_none()) {
@@ -247,6 +291,13 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
         turn: None,
         outbox: OutboxView { pending: state.outbox.len() as u64, delivered: state.notifications_delivered, dropped: state.notifications_dropped },
         disks: Vec::new(),
+        space: state.space_memory.as_ref().map(|memory| SpaceView {
+            recorder_held: memory.hold.is_some(),
+            recorder_stops: memory.recorder_stops,
+            recorder_starts: memory.recorder_starts,
+            reclaimed_bytes: memory.reclaimed_bytes,
+            low: memory.low.iter().map(|low| low.role.name().to_string()).collect(),
+        }),
         journal: JournalView {
             path: journal.path().display().to_string(),
             transitions: state.total_transitions(),
@@ -294,6 +345,7 @@ pub fn disk(role: &str, path: &Path) -> Option<DiskView> {
         free_bytes: stats.f_bavail as u64 * block,
         total_inodes: stats.f_files as u64,
         free_inodes: stats.f_favail as u64,
+        low: None,
     })
 }
 
@@ -359,7 +411,9 @@ pub fn render(status: &AgentStatus) -> String {
     }
     for disk in &status.disks {
         let percent = if disk.total_bytes > 0 { disk.free_bytes * 100 / disk.total_bytes } else { 0 };
-        let _ = writeln!(text, "disk {}: {} % free ({} MiB) at {}", disk.role, percent, disk.free_bytes / (1024 * 1024), disk.path);
+        let low = disk.low.as_ref().map(|what| format!(", LOW: {what} below the mark")).unwrap_or_default();
+        let inodes = (disk.free_inodes * 100).checked_div(disk.total_inodes).map(|percent| format!(", {percent} % of inodes free")).unwrap_or_default();
+        let _ = writeln!(text, "disk {}: {} % free ({} MiB){inodes} at {}{low}", disk.role, percent, disk.free_bytes / (1024 * 1024), disk.path);
     }
     let journal = &status.journal;
     let _ = writeln!(

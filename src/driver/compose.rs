@@ -120,12 +120,15 @@ impl Compose {
     }
 
     /// Brings the stack up from `checkout` with `override_file` pinning the
-    /// images. With `services` empty, every service is started.
+    /// images. With `services` empty, every service is started. Otherwise
+    /// only the listed ones are, with `--no-deps`, so a service left out is
+    /// not started as a dependency of a listed one.
     pub async fn up(&self, checkout: &Path, override_file: &Path, services: &[String]) -> Result<(), ComposeError> {
-        let spec = self
-            .command(checkout, &[override_file])
-            .args(["up", "--detach", "--remove-orphans", "--no-build", "--pull", "never"])
-            .args(services.iter().map(String::as_str));
+        let mut spec = self.command(checkout, &[override_file]).args(["up", "--detach", "--remove-orphans", "--no-build", "--pull", "never"]);
+        if !services.is_empty() {
+            spec = spec.arg("--no-deps");
+        }
+        let spec = spec.args(services.iter().map(String::as_str));
         process::run(&spec).await?;
         Ok(())
     }

@@ -18,6 +18,9 @@ use crate::secret::redact_urls;
 /// neither a force-push nor `git gc` can take it away.
 pub const KNOWN_GOOD_REF: &str = "refs/autoupdate/known-good";
 
+/// Free bytes below which a filesystem counts as full for cloning again.
+const MIN_FREE_TO_CLONE: u64 = 1024 * 1024;
+
 /// Errors of git operations.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -39,6 +42,11 @@ pub enum GitError {
     #[error("branch {branch:?} does not exist in {url}; push it or fix stack.branch")]
     BranchMissing { url: String, branch: String },
 
+    /// The filesystem of the clone is full. Cloning again cannot help, and
+    /// the fetch works again once there is space.
+    #[error("no space left on the filesystem of the clone {checkout}: {detail}; free space there")]
+    NoSpace { checkout: PathBuf, detail: String },
+
     /// The clone is damaged and could not be repaired by cloning again.
     #[error("clone {checkout} is damaged: {detail}")]
     Damaged { checkout: PathBuf, detail: String },
@@ -59,7 +67,10 @@ pub enum GitError {
 impl GitError {
     /// Tells whether trying again later may succeed without anyone acting.
     pub fn is_transient(&self) -> bool {
-        matches!(self, GitError::Unreachable { .. } | GitError::BranchMissing { .. } | GitError::Command(ProcessError::TimedOut { .. }))
+        matches!(
+            self,
+            GitError::Unreachable { .. } | GitError::BranchMissing { .. } | GitError::NoSpace { .. } | GitError::Command(ProcessError::TimedOut { .. })
+        )
     }
 
     /// Tells whether a person must act before git can reach the server again.
@@ -201,6 +212,14 @@ impl GitMirror {
     /// brings the known-good commit back from its bundle. The old clone stays
     /// in place until the new one is complete.
     async fn repair(&self, error: &GitError) -> Result<(), GitError> {
+        // On a full filesystem git fails with many messages; cloning again
+        // cannot succeed there and would only add a second clone.
+        let parent = self.checkout.parent().unwrap_or(Path::new("/"));
+        if let Ok(stats) = crate::driver::space::read_filesystem(parent)
+            && (stats.free_bytes < MIN_FREE_TO_CLONE || (stats.total_inodes > 0 && stats.free_inodes == 0))
+        {
+            return Err(GitError::NoSpace { checkout: self.checkout.clone(), detail: error.to_string() });
+        }
         tracing::warn!(checkout = %self.checkout.display(), %error, "git failed in the clone; cloning it again");
         self.clone_fresh().await?;
         self.restore_known_good().await;
@@ -301,6 +320,9 @@ impl GitMirror {
         let denied = ["Permission denied (publickey", "Authentication failed", "returned error: 401", "returned error: 403", "could not read Username"];
         if stderr.contains("Host key verification failed") {
             return GitError::HostKeyChanged { server: self.server_name(), fingerprint: offered_fingerprint(&stderr) };
+        }
+        if stderr.contains("No space left on device") {
+            return GitError::NoSpace { checkout: self.checkout.clone(), detail: process::last_lines(&stderr, 2) };
         }
         if stderr.contains("couldn't find remote ref") {
             return GitError::BranchMissing { url: self.shown_url(), branch: self.branch.clone() };

@@ -13,5 +13,6 @@ pub mod host_script;
 pub mod process;
 pub mod ssh;
 pub mod signing;
+pub mod space;
 pub mod stack;
 pub mod host_schedule;

@@ -17,6 +17,7 @@ use crate::driver::git::GitMirror;
 use crate::driver::health::{self, GateSettings};
 use crate::driver::process::{self, CommandSpec};
 use crate::driver::signing::SignaturePolicy;
+use crate::driver::space::{self, preflight::PullCheck};
 use crate::failpoint::{self, Point};
 use crate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord};
 use crate::journal::{JournalError, Record};
@@ -59,6 +60,8 @@ pub struct DriverSettings {
     pub machine: StackSettings,
     /// Set when only signed commits may be applied.
     pub signatures: Option<SignaturePolicy>,
+    /// The space check before every pull, from the space guard's settings.
+    pub pull_check: Option<PullCheck>,
 }
 
 /// Errors that stop the stack driver.
@@ -431,6 +434,13 @@ impl StackDriver {
     }
 
     async fn pull(&mut self, commit: CommitId, plan: &StackPlan) -> StackEvents {
+        if let Some(check) = &self.settings.pull_check {
+            let images: Vec<String> = plan.services.iter().map(|service| service.image.clone()).collect();
+            if let Err(no_room) = check.check(&images).await {
+                return StackEvents::PullFailed(Failure::local(format!("commit {}: {no_room}", commit.short())));
+            }
+        }
+
         let mut digests = BTreeMap::new();
         for service in &plan.services {
             if digests.contains_key(&service.image) {
@@ -559,23 +569,45 @@ impl StackDriver {
         if let Err(error) = Compose::write_override(&override_file, release) {
             return StackEvents::ApplyFailed(Failure::local(error.to_string()));
         }
-        match self.compose.up(&self.git.checkout, &override_file, &[]).await {
+        // A service the space guard holds stopped stays stopped.
+        let held = space::held_services(&self.runtime.journal);
+        let services: Vec<String> = release.services.iter().map(|service| service.service.clone()).filter(|service| !held.contains(service)).collect();
+        if !held.is_empty() && services.is_empty() {
+            tracing::warn!(machine = "stack", held = ?held, "every service is held stopped by the space guard; nothing to bring up");
+            return StackEvents::Applied;
+        }
+        let services = if held.is_empty() { Vec::new() } else { services };
+        if !held.is_empty() {
+            tracing::info!(machine = "stack", held = ?held, "leaving out services the space guard holds stopped");
+        }
+        match self.compose.up(&self.git.checkout, &override_file, &services).await {
             Ok(()) => StackEvents::Applied,
             Err(error) => StackEvents::ApplyFailed(Failure::local(format!("docker compose up of commit {short} failed: {error}"))),
         }
     }
 
+    /// Watches the release for its probation window, leaving out services
+    /// the space guard holds stopped. When the guard stops or starts one
+    /// during the window, the window starts again with the new set.
     async fn watch_health(&mut self, release: &Release) -> StackEvents {
-        let settings = GateSettings {
-            project: self.compose.project.clone(),
-            probation: self.settings.probation,
-            health_grace: self.settings.health_grace,
-            excluded: BTreeSet::new(),
-        };
-        tracing::info!(machine = "stack", commit = %release.commit.short(), probation = %humantime::format_duration(settings.probation), "watching health");
-        match health::watch(&self.engine, release, &settings).await {
-            Ok(()) => StackEvents::GatePassed,
-            Err(failure) => StackEvents::GateFailed(Failure::rejected(format!("commit {}: {failure}", release.commit.short()))),
+        loop {
+            let held = space::held_services(&self.runtime.journal);
+            let settings = GateSettings {
+                project: self.compose.project.clone(),
+                probation: self.settings.probation,
+                health_grace: self.settings.health_grace,
+                excluded: held.clone(),
+            };
+            tracing::info!(machine = "stack", commit = %release.commit.short(), probation = %humantime::format_duration(settings.probation), excluded = ?held, "watching health");
+            let result = health::watch(&self.engine, release, &settings).await;
+            if result.is_err() && space::held_services(&self.runtime.journal) != held {
+                tracing::info!(machine = "stack", commit = %release.commit.short(), "the space guard changed its hold during probation; watching again");
+                continue;
+            }
+            return match result {
+                Ok(()) => StackEvents::GatePassed,
+                Err(failure) => StackEvents::GateFailed(Failure::rejected(format!("commit {}: {failure}", release.commit.short()))),
+            };
         }
     }
 

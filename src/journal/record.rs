@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::machine::host::HostMemory;
+use crate::machine::space::SpaceMemory;
 use crate::machine::stack::StackMemory;
 
 /// When and on which boot a record was written. Every record carries one.
@@ -151,6 +152,13 @@ pub struct ApplyHoldRecord {
     pub deferred_ms: u64,
 }
 
+/// The space-guard machine's memory after a transition that changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceMemoryRecord {
+    pub meta: RecordMeta,
+    pub memory: SpaceMemory,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -168,6 +176,7 @@ pub enum Record {
     OutboxCounters(OutboxCountersRecord),
     HostMemory(HostMemoryRecord),
     ApplyHold(ApplyHoldRecord),
+    SpaceMemory(SpaceMemoryRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -191,6 +200,7 @@ pub mod tag {
     pub const OUTBOX_COUNTERS: u8 = 99;
     pub const HOST_MEMORY: u8 = 48;
     pub const APPLY_HOLD: u8 = 112;
+    pub const SPACE_MEMORY: u8 = 64;
 }
 
 /// Error for a payload with a known tag that does not decode.
@@ -226,6 +236,7 @@ impl Record {
             Record::OutboxCounters(_) => tag::OUTBOX_COUNTERS,
             Record::HostMemory(_) => tag::HOST_MEMORY,
             Record::ApplyHold(_) => tag::APPLY_HOLD,
+            Record::SpaceMemory(_) => tag::SPACE_MEMORY,
         }
     }
 
@@ -245,6 +256,7 @@ impl Record {
             Record::OutboxCounters(record) => &record.meta,
             Record::HostMemory(record) => &record.meta,
             Record::ApplyHold(record) => &record.meta,
+            Record::SpaceMemory(record) => &record.meta,
         }
     }
 
@@ -265,6 +277,7 @@ impl Record {
             Record::OutboxCounters(record) => postcard::to_stdvec(record),
             Record::HostMemory(record) => postcard::to_stdvec(record),
             Record::ApplyHold(record) => postcard::to_stdvec(record),
+            Record::SpaceMemory(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -290,6 +303,7 @@ impl Record {
             tag::OUTBOX_COUNTERS => Record::OutboxCounters(parse(tag, payload)?),
             tag::HOST_MEMORY => Record::HostMemory(parse(tag, payload)?),
             tag::APPLY_HOLD => Record::ApplyHold(parse(tag, payload)?),
+            tag::SPACE_MEMORY => Record::SpaceMemory(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))

@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::journal::record::{
     ApplyHoldRecord, CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord,
-    MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, StackMemoryRecord,
+    MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, SpaceMemoryRecord, StackMemoryRecord,
     TransitionRecord,
 };
 use crate::machine::host::HostMemory;
+use crate::machine::space::SpaceMemory;
 use crate::machine::stack::StackMemory;
 
 /// Lease epochs remembered as aborted or confirmed. Older ones cannot matter:
@@ -49,6 +50,7 @@ pub struct JournalState {
     pub machines: BTreeMap<u8, MachineView>,
     pub stack_memory: Option<StackMemory>,
     pub host_memory: Option<HostMemory>,
+    pub space_memory: Option<SpaceMemory>,
     /// The lease with the highest epoch.
     pub lease: Option<LeaseRecord>,
     pub aborted_epochs: BTreeSet<u64>,
@@ -76,6 +78,7 @@ impl JournalState {
             machines: BTreeMap::new(),
             stack_memory: None,
             host_memory: None,
+            space_memory: None,
             lease: None,
             aborted_epochs: BTreeSet::new(),
             confirmed_epochs: BTreeSet::new(),
@@ -168,6 +171,7 @@ impl JournalState {
                 self.notifications_dropped = self.notifications_dropped.max(counters.dropped);
             }
             Record::HostMemory(memory) => self.host_memory = Some(memory.memory.clone()),
+            Record::SpaceMemory(memory) => self.space_memory = Some(memory.memory.clone()),
             Record::ApplyHold(hold) => {
                 self.apply_holds.insert(hold.machine, hold.clone());
             }
@@ -195,6 +199,9 @@ impl JournalState {
         }
         if let Some(memory) = &self.host_memory {
             records.push(Record::HostMemory(HostMemoryRecord { meta, memory: memory.clone() }));
+        }
+        if let Some(memory) = &self.space_memory {
+            records.push(Record::SpaceMemory(SpaceMemoryRecord { meta, memory: memory.clone() }));
         }
 
         records.push(Record::OutboxCounters(OutboxCountersRecord {
@@ -247,6 +254,23 @@ mod tests {
         }
 
         assert_eq!(rebuilt.host_memory, Some(memory));
+    }
+
+    #[test]
+    fn snapshot_keeps_space_memory() {
+        use crate::machine::space::{Hold, LowFilesystem, Role, Shortage};
+        let memory = SpaceMemory {
+            low: vec![LowFilesystem { role: Role::Recordings, path: "/srv/recordings".into(), shortage: Shortage::Inodes }],
+            hold: Some(Hold { service: Some("recorder".into()) }),
+            reclaimed_bytes: 42,
+            ..SpaceMemory::default()
+        };
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&Record::SpaceMemory(SpaceMemoryRecord { meta: RecordMeta::default(), memory: memory.clone() }));
+
+        let rebuilt = rebuilt_from(&state);
+
+        assert_eq!(rebuilt.space_memory, Some(memory));
     }
 
     fn hold(machine: u8, reason: &str, deferred_ms: u64) -> Record {

@@ -7,6 +7,7 @@
 //! to them, and actions queue commands for a driver.
 
 pub mod host;
+pub mod space;
 pub mod stack;
 
 use std::fmt;
@@ -68,7 +69,7 @@ impl fmt::Display for MachineKind {
 }
 
 /// Every machine table this build contains.
-pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE];
+pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE, &space::SPACE_TABLE];
 
 /// A state of a machine with its persisted code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
