@@ -7,8 +7,14 @@
 # a registry. The development machines of this project cannot pull any image,
 # so their tests use an image built FROM scratch from a static build instead.
 #
-# Compose v2, git and the ssh client sit in a layer below the agent that
-# rarely changes, so a self-update downloads only the agent's own layer.
+# Compose v2, git and the ssh client (for git over ssh only) sit in a layer
+# below the agent, so a self-update downloads only the agent's own layer as
+# long as that layer stays the same. Build with a cache, or pin
+# debian:trixie-slim by digest, because a rebuild of the tools stage on a new
+# base image changes it. .dockerignore keeps target/ out of the context.
+#
+# scripts/build-arm64-image.sh builds the linux/arm64 image without base
+# images, from the cross-compiled agent and Debian's arm64 packages.
 
 FROM --platform=$BUILDPLATFORM rust:1-bookworm AS build
 ARG TARGETARCH

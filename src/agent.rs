@@ -1,11 +1,12 @@
-//! The agent process: opens the journal, takes the lease, waits for the
-//! Docker engine, and runs the machines until a stop signal arrives.
+//! The agent process: opens the journal, takes the lease or waits until it
+//! may, waits for the Docker engine, and runs the machines until a stop
+//! signal arrives, another agent fences it out, or it hands over.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{Config, JournalConfig};
+use crate::config::{Config, JournalConfig, SelfUpdateConfig, StackConfig};
 use crate::control;
 use crate::credentials::{Credentials, CredentialsError};
 use crate::driver::apply_gate::LockSources;
@@ -23,6 +24,9 @@ use crate::panel::{self, Board, Condition, Source};
 use crate::platform::Platform;
 use crate::runtime::{Runtime, SharedJournal};
 use crate::seams::Seams;
+use crate::selfupdate::driver::{DriverError as SelfUpdateError, DriverExit, SelfUpdateDriver};
+use crate::selfupdate::lease::Claim;
+use crate::driver::space::preflight::PullCheck;
 
 /// Time between two attempts to reach the Docker engine at start.
 const ENGINE_RETRY: Duration = Duration::from_secs(5);
@@ -54,9 +58,24 @@ pub enum AgentError {
     #[error(transparent)]
     Space(#[from] crate::driver::space::SpaceDriverError),
 
+    #[error(transparent)]
+    SelfUpdate(#[from] SelfUpdateError),
+
     /// A part of the agent could not start, such as the control socket.
     #[error("{0}")]
     Setup(String),
+}
+
+impl AgentError {
+    /// Tells whether another agent took a newer lease, so this one must stop
+    /// acting but not exit.
+    pub fn is_fenced(&self) -> bool {
+        let journal = match self {
+            AgentError::Journal(error) | AgentError::Driver(DriverError::Journal(error)) | AgentError::SelfUpdate(SelfUpdateError::Journal(error)) => error,
+            _ => return false,
+        };
+        matches!(journal, JournalError::Fenced { .. } | JournalError::StaleLease { .. })
+    }
 }
 
 /// Runs the agent until `shutdown` completes or the journal fails.
@@ -64,7 +83,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Credentials come first: an agent that would refuse them must not take
     // the lease from one that works.
     let credentials = Credentials::load(&config)?;
-    let access = GitAccess::prepare(&credentials.git, &config.stack.repository, &config.state_directory().join("ssh"))?;
+    let access = match &config.stack {
+        Some(stack) => GitAccess::prepare(&credentials.git, &stack.repository, &config.state_directory().join("ssh"))?,
+        None => GitAccess::default(),
+    };
 
     let seams = Seams::from_config(&config.seams);
     for warning in &config.warnings {
@@ -73,10 +95,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(clock_file) = &config.seams.clock_file {
         tracing::warn!(clock_file = %clock_file.display(), "the wall clock and its synchronised flag are read from a file (seams.clock_file); use this for tests only");
     }
-    let holder = crate::identity::holder_name();
     let journal = open_journal(&config.journal)?;
-    let epoch = journal.lock().expect("the journal lock is not shared yet").take_lease(&holder, seams.meta())?;
-    tracing::info!(holder, epoch, journal = %config.journal.directory.display(), "agent started and took the lease");
+    tracing::info!(journal = %config.journal.directory.display(), "agent started");
 
     let secret = match (&config.notifications.webhook_url, &config.notifications.secret_file) {
         (Some(_), Some(path)) => Some(crate::notify::read_secret(path).map_err(AgentError::Setup)?),
@@ -89,9 +109,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     tokio::pin!(shutdown);
     let result = tokio::select! {
-        result = run_machines(&config, credentials, access, runtime.clone()) => result,
+        result = act_under_lease(&config, credentials, access, runtime.clone(), secret) => result,
         () = serve_control(&config, runtime.clone()) => Ok(()),
-        result = run_sender(&config, runtime.clone(), secret) => result,
         () = &mut shutdown => {
             tracing::info!("stop requested");
             Ok(())
@@ -108,13 +127,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
-/// Serves the control API. When it cannot start, the agent goes on updating
-/// without it: the error is logged and this future never completes.
-async fn serve_control(config: &Config, runtime: Arc<Runtime>) {
-    if let Err(error) = control::server::serve(runtime, &config.control.socket, config.control.tcp_port).await {
-        tracing::error!(%error, "control API not available; the agent keeps updating without it");
+/// Acts while this agent holds the newest lease: runs the machines and the
+/// notification sender. When another agent fences it out, or it hands over
+/// to a new container, it stops them and waits until it may act again.
+async fn act_under_lease(config: &Config, credentials: Credentials, access: GitAccess, runtime: Arc<Runtime>, secret: Option<Vec<u8>>) -> Result<(), AgentError> {
+    let mut claim = Claim::new(runtime.clone(), config.docker.host.clone(), config.self_update.clone());
+    let mut first_start = true;
+    loop {
+        let epoch = claim.acquire(first_start).await?;
+        first_start = false;
+        tracing::info!(holder = claim.holder(), epoch, "acting under the lease");
+
+        let result = tokio::select! {
+            result = run_machines(config, credentials.clone(), access.clone(), runtime.clone()) => result,
+            result = run_sender(config, runtime.clone(), secret.clone()) => result,
+        };
+        process::stop_children(CHILD_GRACE).await;
+        match result {
+            Ok(()) => tracing::info!("handed over; this agent stops acting"),
+            Err(error) if error.is_fenced() => tracing::warn!(%error, "another agent holds a newer lease; this agent stops acting"),
+            Err(error) => return Err(error),
+        }
     }
-    std::future::pending::<()>().await
+}
+
+/// Time between two tries to start the control API.
+const CONTROL_RETRY: Duration = Duration::from_secs(10);
+
+/// Serves the control API. When it cannot start, for example while the old
+/// agent of a handover still listens on a shared socket, the agent goes on
+/// updating without it and tries again. This future never completes.
+async fn serve_control(config: &Config, runtime: Arc<Runtime>) {
+    let mut failures = 0u32;
+    loop {
+        if let Err(error) = control::server::serve(runtime.clone(), &config.control.socket, config.control.tcp_port).await {
+            failures += 1;
+            if failures == 1 || failures.is_multiple_of(30) {
+                tracing::error!(%error, failures, "control API not available; the agent keeps updating without it and tries again");
+            }
+        }
+        tokio::time::sleep(CONTROL_RETRY).await;
+    }
 }
 
 fn device_name(config: &Config) -> String {
@@ -142,13 +195,66 @@ async fn run_sender(config: &Config, runtime: Arc<Runtime>, secret: Option<Vec<u
     Ok(())
 }
 
+/// Runs the configured machines. Returns `Ok` when the self-update machine
+/// handed over, and an error when the journal fails or fences this agent out.
 async fn run_machines(config: &Config, credentials: Credentials, access: GitAccess, runtime: Arc<Runtime>) -> Result<(), AgentError> {
     let platform = config.docker.platform.as_deref().and_then(Platform::parse);
     let engine = wait_for_engine(config.docker.host.as_deref(), platform, &runtime.board).await.with_credentials(credentials.registries);
-    let compose_command = find_compose(config).await;
     runtime.board.set(Source::Agent, None);
 
-    let stack = &config.stack;
+    // The space guard runs beside the other machines and never takes a turn.
+    // NOTE: it starts once the Docker engine answers, because stopping the
+    // recorder and reclaiming need the engine; until then nothing samples
+    // the filesystems.
+    let (space_guard, pull_check) = crate::driver::space::setup::build(config, &engine, runtime.clone()).await;
+
+    let stack = async {
+        match &config.stack {
+            Some(stack) => run_stack(config, stack, engine.clone(), access, runtime.clone(), pull_check.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let self_update = async {
+        match &config.self_update {
+            Some(section) => run_self_update(section, engine.clone(), runtime.clone(), config.stack.is_some(), pull_check.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let host_patches = async {
+        match config.host.clone() {
+            Some(host) => crate::driver::host_schedule::run(runtime.clone(), engine.clone(), host).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = stack => result,
+        result = self_update => result,
+        result = space_guard.run() => Ok(result?),
+        result = host_patches => Ok(result?),
+    }
+}
+
+/// Runs the self-update machine until it hands over. An agent that cannot
+/// update itself, for example one outside a container, logs why and goes on
+/// with its other machines.
+async fn run_self_update(section: &SelfUpdateConfig, engine: Engine, runtime: Arc<Runtime>, stack_configured: bool, pull_check: PullCheck) -> Result<(), AgentError> {
+    let own = match crate::selfupdate::docker::own_container(&engine, section.image.as_deref()).await {
+        Ok(own) => own,
+        Err(error) => {
+            tracing::error!(machine = "self-update", %error, "self-update is not available");
+            return std::future::pending().await;
+        }
+    };
+    tracing::info!(machine = "self-update", container = %own.container.short_id(), name = %own.container.name, image = %own.followed, "found this agent's own container");
+    let driver = SelfUpdateDriver::new(runtime, engine, section.clone(), own, stack_configured).with_pull_check(pull_check);
+    match driver.run().await? {
+        DriverExit::HandedOver { .. } => Ok(()),
+    }
+}
+
+async fn run_stack(config: &Config, stack: &StackConfig, engine: Engine, access: GitAccess, runtime: Arc<Runtime>, pull_check: PullCheck) -> Result<(), AgentError> {
+    let compose_command = find_compose(config).await;
+
     let git = GitMirror {
         url: stack.repository.clone(),
         branch: stack.branch.clone(),
@@ -165,11 +271,6 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         timeout: stack.compose_timeout,
         docker_host: config.docker.host.clone(),
     };
-    // The space guard runs beside the stack driver and never takes a turn.
-    // NOTE: it starts once the Docker engine answers, because stopping the
-    // recorder and reclaiming need the engine; until then nothing samples
-    // the filesystems.
-    let (space_guard, pull_check) = crate::driver::space::setup::build(config, &engine, runtime.clone()).await;
     let settings = DriverSettings {
         poll_interval: stack.poll_interval,
         poll_jitter_percent: stack.poll_jitter_percent,
@@ -187,19 +288,8 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
         signatures: signature_policy(config),
         pull_check: Some(pull_check),
     };
-    let host_engine = engine.clone();
-    let driver = StackDriver::new(runtime.clone(), engine, git, compose, settings);
-    let host_patches = async {
-        match config.host.clone() {
-            Some(host) => crate::driver::host_schedule::run(runtime, host_engine, host).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        result = driver.run() => result?,
-        result = space_guard.run() => result?,
-        result = host_patches => result?,
-    }
+    let driver = StackDriver::new(runtime, engine, git, compose, settings);
+    driver.run().await?;
     Ok(())
 }
 

@@ -13,9 +13,11 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+pub mod self_update;
 pub mod space;
 pub mod trust;
 
+pub use self_update::SelfUpdateConfig;
 pub use space::SpaceConfig;
 pub use trust::{GitConfig, RegistryConfig, Transport};
 
@@ -25,7 +27,10 @@ pub struct Config {
     pub agent: AgentConfig,
     pub journal: JournalConfig,
     pub docker: DockerConfig,
-    pub stack: StackConfig,
+    /// `[stack]`; `autoupdate run` needs it, `[self_update]` or both.
+    pub stack: Option<StackConfig>,
+    /// `[self_update]`, present when the agent updates its own container.
+    pub self_update: Option<SelfUpdateConfig>,
     pub control: ControlConfig,
     pub notifications: NotificationsConfig,
     pub panel: PanelConfig,
@@ -615,12 +620,12 @@ impl Config {
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         let parts = Parts::parse(text, Needs { stack: true, host: false })?;
-        let stack = parts.stack.expect("Parts::parse reports a missing [stack] when it is needed");
         Ok(Config {
             agent: parts.agent,
             journal: parts.journal,
             docker: parts.docker,
-            stack,
+            stack: parts.stack,
+            self_update: parts.self_update,
             control: parts.control,
             notifications: parts.notifications,
             panel: parts.panel,
@@ -645,6 +650,7 @@ impl Config {
 /// Optional sections that a command needs.
 #[derive(Debug, Clone, Copy)]
 struct Needs {
+    /// `[stack]`, unless `[self_update]` is there.
     stack: bool,
     host: bool,
 }
@@ -656,6 +662,7 @@ struct Parts {
     journal: JournalConfig,
     docker: DockerConfig,
     stack: Option<StackConfig>,
+    self_update: Option<SelfUpdateConfig>,
     control: ControlConfig,
     notifications: NotificationsConfig,
     panel: PanelConfig,
@@ -681,7 +688,13 @@ impl Parts {
         let agent = sections.optional::<AgentConfig>(&mut table, "agent");
         let journal = sections.required::<JournalConfig>(&mut table, "journal");
         let docker = sections.optional::<DockerConfig>(&mut table, "docker");
-        let stack = sections.present::<StackConfig>(&mut table, "stack", needs.stack);
+        let stack = if needs.stack && !table.contains_key("stack") && !table.contains_key("self_update") {
+            sections.problem("stack", "missing section [stack]; autoupdate run needs [stack], [self_update] or both");
+            None
+        } else {
+            sections.present::<StackConfig>(&mut table, "stack", false)
+        };
+        let self_update = sections.present::<SelfUpdateConfig>(&mut table, "self_update", false);
         let control = sections.optional::<ControlConfig>(&mut table, "control");
         let notifications = sections.optional::<NotificationsConfig>(&mut table, "notifications");
         let panel = sections.optional::<PanelConfig>(&mut table, "panel");
@@ -693,18 +706,19 @@ impl Parts {
         for unknown in table.keys() {
             sections.problem(
                 unknown,
-                "unknown section or key; the sections are agent, journal, docker, stack, git, [[registry]], control, notifications, panel, seams, host and space",
+                "unknown section or key; the sections are agent, journal, docker, stack, self_update, git, [[registry]], control, notifications, panel, seams, host and space",
             );
         }
 
         let mut problems = sections.problems;
-        let sections = (agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries, space);
+        let sections = (agent, journal, docker, stack, self_update, control, notifications, panel, seams, host, git, registries, space);
         match sections {
             (
                 Some(agent),
                 Some(journal),
                 Some(docker),
                 Some(stack),
+                Some(self_update),
                 Some(control),
                 Some(notifications),
                 Some(panel),
@@ -714,7 +728,22 @@ impl Parts {
                 Some(registries),
                 Some(space),
             ) if problems.is_empty() => {
-                let mut parts = Parts { agent, journal, docker, stack, control, notifications, panel, seams, host, git, registries, space, warnings: Vec::new() };
+                let mut parts = Parts {
+                    agent,
+                    journal,
+                    docker,
+                    stack,
+                    self_update,
+                    control,
+                    notifications,
+                    panel,
+                    seams,
+                    host,
+                    git,
+                    registries,
+                    space,
+                    warnings: Vec::new(),
+                };
                 problems.extend(parts.migrate(text));
                 problems.extend(parts.check(text));
                 if problems.is_empty() { Ok(parts) } else { Err(problems) }
@@ -796,6 +825,9 @@ impl Parts {
             problems.extend(trust::check_git(&self.git, &stack.repository, text));
         }
         problems.extend(trust::check_registries(&self.registries, text));
+        if let Some(self_update) = &self.self_update {
+            problems.extend(self_update::check(self_update, text));
+        }
         problems
     }
 }
@@ -1110,10 +1142,10 @@ checkout = "/srv/eventpi/stack"
     fn minimal_config_gets_defaults() {
         let config = Config::parse(MINIMAL).unwrap();
 
-        assert_eq!(config.stack.poll_interval, Duration::from_secs(60));
-        assert_eq!(config.stack.compose_files, vec!["compose.yaml".to_string()]);
-        assert_eq!(config.stack.apply.policy, None);
-        assert_eq!(config.stack.apply.policy().unwrap().timing, crate::policy::Timing::Immediate);
+        assert_eq!(config.stack.as_ref().unwrap().poll_interval, Duration::from_secs(60));
+        assert_eq!(config.stack.as_ref().unwrap().compose_files, vec!["compose.yaml".to_string()]);
+        assert_eq!(config.stack.as_ref().unwrap().apply.policy, None);
+        assert_eq!(config.stack.as_ref().unwrap().apply.policy().unwrap().timing, crate::policy::Timing::Immediate);
         assert_eq!(config.state_directory(), PathBuf::from("/var/lib/eventpi/state"));
     }
 
@@ -1248,11 +1280,11 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Europe/Warsaw\"]\nlock_files = [\"/srv/shared/update.lock\"]\nlock_label = \"eventpi.update-lock\"\nmax_deferral = \"6h\"\n");
 
         let config = Config::parse(&text).unwrap();
-        let policy = config.stack.apply.policy().unwrap();
+        let policy = config.stack.as_ref().unwrap().apply.policy().unwrap();
 
         assert!(matches!(&policy.timing, crate::policy::Timing::Windows(windows) if windows.len() == 1));
         assert_eq!(policy.max_deferral, Duration::from_secs(6 * 3600));
-        assert_eq!(config.stack.apply.lock_label.as_deref(), Some("eventpi.update-lock"));
+        assert_eq!(config.stack.as_ref().unwrap().apply.lock_label.as_deref(), Some("eventpi.update-lock"));
         assert!(config.warnings.is_empty());
     }
 
@@ -1262,8 +1294,8 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
         let config = Config::parse(&text).unwrap();
 
-        assert_eq!(config.stack.apply.policy, Some(PolicyKind::OnBoot));
-        assert_eq!(config.stack.apply_policy, None);
+        assert_eq!(config.stack.as_ref().unwrap().apply.policy, Some(PolicyKind::OnBoot));
+        assert_eq!(config.stack.as_ref().unwrap().apply_policy, None);
         assert_eq!(config.warnings.len(), 1);
         assert_eq!(config.warnings[0].key, "stack.apply_policy");
         assert_eq!(config.warnings[0].line, Some(8));
@@ -1336,6 +1368,37 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
                 ("space.recorder", Some(16)),
             ]
         );
+    }
+
+    #[test]
+    fn self_update_alone_is_enough_for_run() {
+        let text = "[journal]\ndirectory = \"/var/lib/eventpi/journal\"\n\n[self_update]\nnetwork = \"eventpi-agent\"\n";
+
+        let config = Config::parse(text).unwrap();
+
+        assert_eq!(config.stack, None);
+        assert_eq!(config.self_update.map(|section| section.handover_port), Some(8750));
+    }
+
+    #[test]
+    fn self_update_unknown_key_is_named() {
+        let text = format!("{MINIMAL}\n[self_update]\nprobation = \"5m\"\nconfirm_timeout = \"1m\"\nsurprise = 1\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
+
+        assert_eq!(found, vec![("self_update.surprise", Some(13))]);
+    }
+
+    #[test]
+    fn confirm_timeout_problem_has_its_line() {
+        let text = format!("{MINIMAL}\n[self_update]\nprobation = \"5m\"\nconfirm_timeout = \"1m\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "self_update.confirm_timeout");
+        assert_eq!(problems[0].line, Some(12));
     }
 
     #[test]

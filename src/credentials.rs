@@ -73,7 +73,10 @@ impl Credentials {
     pub fn load(config: &Config) -> Result<Credentials, CredentialsError> {
         let mut problems = Vec::new();
         let registries = RegistryCredentials::load(&config.registries, &mut problems);
-        let git = GitCredentials::load(&config.git, &config.stack.repository, &mut problems);
+        let git = match &config.stack {
+            Some(stack) => GitCredentials::load(&config.git, &stack.repository, &mut problems),
+            None => GitCredentials::None,
+        };
         check_allowed_signers(&config.git, &mut problems);
         if problems.is_empty() { Ok(Credentials { registries, git }) } else { Err(CredentialsError { problems }) }
     }

@@ -19,6 +19,8 @@
 //!   ([`machine::space`]) with it.
 //! - [`policy`]: apply policies (immediate, on-boot, maintenance windows in a
 //!   time zone, update locks), decided from facts the drivers gather.
+//! - [`selfupdate`]: the lease rules that decide which agent acts, and the
+//!   handover of the lease from the running agent's container to a new one.
 
 pub mod machine;
 pub mod model;
@@ -44,3 +46,4 @@ pub mod control;
 pub mod runtime;
 pub mod credentials;
 pub mod secret;
+pub mod selfupdate;

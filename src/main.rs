@@ -228,7 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
             Err(error) if lacks_only_stack(&error) && HostPatchConfig::load(&file).is_ok() => {
-                println!("{}: valid for host-patch; autoupdate run also needs a [stack] section", file.display());
+                println!("{}: valid for host-patch; autoupdate run also needs a [stack] or [self_update] section", file.display());
                 Ok(ExitCode::SUCCESS)
             }
             Err(error) => {

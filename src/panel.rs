@@ -50,6 +50,7 @@ pub enum Source {
     Host,
     /// The space guard: "no space" while a watched filesystem is low.
     Space,
+    SelfUpdate,
 }
 
 /// Collects the condition of every source and publishes the one that wins.

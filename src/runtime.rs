@@ -56,6 +56,8 @@ pub struct Runtime {
     pub host_wake: Arc<Notify>,
     /// Whether this agent patches its host (`[host]` is configured).
     pub host_patch_enabled: std::sync::atomic::AtomicBool,
+    /// Requests to the self-update machine.
+    pub self_update: Arc<crate::selfupdate::SelfUpdateHandle>,
     /// Maximum notifications kept in the outbox.
     pub outbox_capacity: usize,
     pub disks: Vec<WatchedDisk>,
@@ -76,6 +78,7 @@ impl Runtime {
             stack_wake: Arc::new(Notify::new()),
             host_wake: Arc::new(Notify::new()),
             host_patch_enabled: std::sync::atomic::AtomicBool::new(false),
+            self_update: crate::selfupdate::SelfUpdateHandle::new(),
             outbox_capacity,
             disks,
         }

@@ -12,6 +12,7 @@ use crate::coordinator::Snapshot;
 use crate::journal::Journal;
 use crate::journal::record::RecordMeta;
 use crate::machine::host::{HostMemory, HostOutcome};
+use crate::machine::selfupdate::{SelfUpdateMemory, SelfUpdateOutcome, SelfUpdateState};
 use crate::machine::space::SpaceMemory;
 use crate::machine::stack::{Outcome, StackMemory, StackState};
 use crate::machine::{MachineKind, describe_machine, describe_state};
@@ -228,6 +229,30 @@ fn fill_host(view: &mut MachineView, memory: &HostMemory) {
     view.needs_attention = memory.needs_attention.clone();
 }
 
+fn fill_self_update(view: &mut MachineView, memory: &SelfUpdateMemory, state: Option<SelfUpdateState>) {
+    let busy = state.is_some_and(|state| state != SelfUpdateState::Idle);
+    if let Some(attempt) = memory.attempt.as_ref().filter(|_| busy) {
+        let mut note = format!("attempt {} moving {} to image {}", attempt.number, attempt.target.old.name, attempt.target.digest);
+        if let Some(candidate) = &attempt.candidate {
+            note.push_str(&format!(", new container {} ({})", candidate.name, candidate.short_id()));
+        }
+        if let Some(epoch) = attempt.offered_epoch {
+            note.push_str(&format!(", lease epoch {epoch} offered"));
+        }
+        view.notes.push(note);
+    }
+    for failed in &memory.failed {
+        view.notes.push(format!("image {} failed {} time(s): {}", failed.digest, failed.failures, failed.reason));
+    }
+    if let Some(error) = &memory.check_error {
+        view.notes.push(format!("last check: {error}"));
+    }
+    view.last_outcome = memory.last_outcome.as_ref().map(|outcome| match outcome {
+        SelfUpdateOutcome::Updated { to, .. } => format!("updated to image {to}"),
+        SelfUpdateOutcome::Failed { digest, reason } => format!("image {digest} failed; the old agent kept control: {reason}"),
+    });
+}
+
 /// Adds why a pulled update waits and how long update locks deferred it,
 /// while the stack machine waits in `Ready`.
 fn add_apply_hold(view: &mut MachineView, hold: &crate::journal::record::ApplyHoldRecord) {
@@ -262,6 +287,11 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
             if let Some(hold) = state.apply_holds.get(&kind.code()).filter(|_| waiting) {
                 add_apply_hold(&mut view, hold);
             }
+        }
+        if kind == MachineKind::SelfUpdate
+            && let Some((_, memory)) = &state.self_update
+        {
+            fill_self_update(&mut view, memory, machine.state.and_then(SelfUpdateState::from_code));
         }
         if kind == MachineKind::HostPatch {
             if let Some(memory) = &state.host_memory {

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /status` | the agent's status as JSON |
 //! | `GET /metrics` | metrics in the Prometheus text format |
-//! | `POST /update-now` with `{"process": "stack"}` | newline-delimited JSON progress until the run ends |
+//! | `POST /update-now` with `{"process": "stack"}` or `"self"` | newline-delimited JSON progress until the run ends |
 //! | `POST /button` with `{"press": "short"}` | a short press: check for an update now |
 //!
 //! Anything else gets a 4xx response with a JSON error and changes nothing.
@@ -184,15 +184,20 @@ async fn update_now(runtime: Arc<Runtime>, update: UpdateNow) -> Response<Body> 
     let machine = match update.process.as_str() {
         "stack" => "stack",
         "host" if runtime.host_patch_enabled.load(std::sync::atomic::Ordering::SeqCst) => "host-patch",
+        "self" if runtime.self_update.is_enabled() => "self-update",
         "self" | "host" => {
             return error(StatusCode::CONFLICT, &format!("the {} process is not set up on this agent", update.process));
         }
         other => return error(StatusCode::BAD_REQUEST, &format!("unknown process {other:?}; use stack, self or host")),
     };
+    if let Some(holder) = other_holder(&runtime) {
+        return error(StatusCode::CONFLICT, &format!("this agent is passive: the lease is held by {holder}; ask that agent"));
+    }
 
     let mut events = runtime.progress.subscribe();
     match machine {
         "host-patch" => runtime.host_wake.notify_one(),
+        "self-update" => runtime.self_update.request_check(),
         _ => runtime.stack_wake.notify_one(),
     }
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
@@ -224,6 +229,16 @@ async fn update_now(runtime: Arc<Runtime>, update: UpdateNow) -> Response<Body> 
         .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
         .body(body)
         .expect("a response with a fixed status and header builds")
+}
+
+/// Returns the holder of the newest lease when this agent does not hold it.
+fn other_holder(runtime: &Runtime) -> Option<String> {
+    let mut journal = runtime.lock_journal();
+    if let Err(error) = journal.refresh() {
+        tracing::warn!(%error, "cannot re-read the journal");
+    }
+    let lease = journal.state().lease.clone()?;
+    (lease.epoch != journal.epoch()).then_some(lease.holder)
 }
 
 fn button(runtime: Arc<Runtime>, press: ButtonPress) -> Response<Body> {

@@ -297,6 +297,25 @@ impl Journal {
         self.locked(|journal| journal.refresh_locked())
     }
 
+    /// Returns the records of the active region in the order they were
+    /// appended, without damaged frames and tags this build does not know.
+    /// The region starts with the snapshot of the last compaction, so older
+    /// records are not among them.
+    pub fn records(&mut self) -> Result<Vec<Record>, JournalError> {
+        self.locked(|journal| {
+            let (header, _) = journal.read_header()?;
+            let mut bytes = vec![0u8; header.region_bytes as usize];
+            let start = header.region_start(header.active);
+            journal.file.read_exact_at(&mut bytes, start).map_err(io_error(&journal.path, "read"))?;
+            let scan = frame::scan(&bytes, 0, header.generation);
+            let known = scan.frames.iter().filter_map(|raw| match Record::decode(raw.tag, raw.payload) {
+                Ok(Decoded::Known(record)) => Some(record),
+                _ => None,
+            });
+            Ok(known.collect())
+        })
+    }
+
     /// Takes the lease with the next epoch for `holder`; from then on this
     /// handle appends under that epoch.
     pub fn take_lease(&mut self, holder: &str, meta: RecordMeta) -> Result<u64, JournalError> {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::machine::host::HostMemory;
 use crate::machine::space::SpaceMemory;
+use crate::machine::selfupdate::SelfUpdateMemory;
 use crate::machine::stack::StackMemory;
 
 /// When and on which boot a record was written. Every record carries one.
@@ -159,6 +160,16 @@ pub struct SpaceMemoryRecord {
     pub memory: SpaceMemory,
 }
 
+/// The self-update machine's memory after each of its steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfUpdateMemoryRecord {
+    pub meta: RecordMeta,
+    /// The lease epoch of the agent that wrote the step, so that the journal
+    /// shows which agent drove each step of a handover.
+    pub epoch: u64,
+    pub memory: SelfUpdateMemory,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -177,6 +188,7 @@ pub enum Record {
     HostMemory(HostMemoryRecord),
     ApplyHold(ApplyHoldRecord),
     SpaceMemory(SpaceMemoryRecord),
+    SelfUpdateMemory(SelfUpdateMemoryRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -194,6 +206,7 @@ pub mod tag {
     pub const COMPACTED: u8 = 6;
     pub const MACHINE_STATE: u8 = 7;
     pub const STACK_MEMORY: u8 = 16;
+    pub const SELF_UPDATE_MEMORY: u8 = 32;
     pub const NOTIFICATION: u8 = 96;
     pub const NOTIFICATION_DELIVERED: u8 = 97;
     pub const NOTIFICATION_DROPPED: u8 = 98;
@@ -237,6 +250,7 @@ impl Record {
             Record::HostMemory(_) => tag::HOST_MEMORY,
             Record::ApplyHold(_) => tag::APPLY_HOLD,
             Record::SpaceMemory(_) => tag::SPACE_MEMORY,
+            Record::SelfUpdateMemory(_) => tag::SELF_UPDATE_MEMORY,
         }
     }
 
@@ -257,6 +271,7 @@ impl Record {
             Record::HostMemory(record) => &record.meta,
             Record::ApplyHold(record) => &record.meta,
             Record::SpaceMemory(record) => &record.meta,
+            Record::SelfUpdateMemory(record) => &record.meta,
         }
     }
 
@@ -278,6 +293,7 @@ impl Record {
             Record::HostMemory(record) => postcard::to_stdvec(record),
             Record::ApplyHold(record) => postcard::to_stdvec(record),
             Record::SpaceMemory(record) => postcard::to_stdvec(record),
+            Record::SelfUpdateMemory(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -304,6 +320,7 @@ impl Record {
             tag::HOST_MEMORY => Record::HostMemory(parse(tag, payload)?),
             tag::APPLY_HOLD => Record::ApplyHold(parse(tag, payload)?),
             tag::SPACE_MEMORY => Record::SpaceMemory(parse(tag, payload)?),
+            tag::SELF_UPDATE_MEMORY => Record::SelfUpdateMemory(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))
@@ -363,6 +380,17 @@ mod tests {
         let decoded = Record::decode(tag::APPLY_HOLD, &record.encode_payload());
 
         assert_eq!(decoded, Ok(Decoded::Known(record)));
+    }
+
+    #[test]
+    fn self_update_memory_round_trips_under_its_tag() {
+        let memory = crate::machine::selfupdate::SelfUpdateMemory { attempts_started: 2, ..Default::default() };
+        let record = Record::SelfUpdateMemory(SelfUpdateMemoryRecord { meta: RecordMeta::default(), epoch: 3, memory });
+
+        let decoded = Record::decode(tag::SELF_UPDATE_MEMORY, &record.encode_payload()).unwrap();
+
+        assert_eq!(record.tag(), 32);
+        assert_eq!(decoded, Decoded::Known(record));
     }
 
     #[test]

@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::journal::record::{
     ApplyHoldRecord, CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord,
-    MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, SpaceMemoryRecord, StackMemoryRecord,
-    TransitionRecord,
+    MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, SelfUpdateMemoryRecord, SpaceMemoryRecord,
+    StackMemoryRecord, TransitionRecord,
 };
 use crate::machine::host::HostMemory;
+use crate::machine::selfupdate::SelfUpdateMemory;
 use crate::machine::space::SpaceMemory;
 use crate::machine::stack::StackMemory;
 
@@ -51,6 +52,9 @@ pub struct JournalState {
     pub stack_memory: Option<StackMemory>,
     pub host_memory: Option<HostMemory>,
     pub space_memory: Option<SpaceMemory>,
+    /// The self-update machine's memory and the lease epoch its last step
+    /// was written under.
+    pub self_update: Option<(u64, SelfUpdateMemory)>,
     /// The lease with the highest epoch.
     pub lease: Option<LeaseRecord>,
     pub aborted_epochs: BTreeSet<u64>,
@@ -79,6 +83,7 @@ impl JournalState {
             stack_memory: None,
             host_memory: None,
             space_memory: None,
+            self_update: None,
             lease: None,
             aborted_epochs: BTreeSet::new(),
             confirmed_epochs: BTreeSet::new(),
@@ -172,6 +177,7 @@ impl JournalState {
             }
             Record::HostMemory(memory) => self.host_memory = Some(memory.memory.clone()),
             Record::SpaceMemory(memory) => self.space_memory = Some(memory.memory.clone()),
+            Record::SelfUpdateMemory(memory) => self.self_update = Some((memory.epoch, memory.memory.clone())),
             Record::ApplyHold(hold) => {
                 self.apply_holds.insert(hold.machine, hold.clone());
             }
@@ -202,6 +208,9 @@ impl JournalState {
         }
         if let Some(memory) = &self.space_memory {
             records.push(Record::SpaceMemory(SpaceMemoryRecord { meta, memory: memory.clone() }));
+        }
+        if let Some((epoch, memory)) = &self.self_update {
+            records.push(Record::SelfUpdateMemory(SelfUpdateMemoryRecord { meta, epoch: *epoch, memory: memory.clone() }));
         }
 
         records.push(Record::OutboxCounters(OutboxCountersRecord {
@@ -271,6 +280,17 @@ mod tests {
         let rebuilt = rebuilt_from(&state);
 
         assert_eq!(rebuilt.space_memory, Some(memory));
+    }
+
+    #[test]
+    fn snapshot_keeps_self_update_memory_and_epoch() {
+        let memory = SelfUpdateMemory { attempts_started: 4, check_error: Some("registry down".into()), ..SelfUpdateMemory::default() };
+        let mut state = JournalState::new(History::Recent);
+        state.apply(&Record::SelfUpdateMemory(SelfUpdateMemoryRecord { meta: RecordMeta::default(), epoch: 7, memory: memory.clone() }));
+
+        let rebuilt = rebuilt_from(&state);
+
+        assert_eq!(rebuilt.self_update, Some((7, memory)));
     }
 
     fn hold(machine: u8, reason: &str, deferred_ms: u64) -> Record {

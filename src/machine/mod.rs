@@ -8,6 +8,7 @@
 
 pub mod host;
 pub mod space;
+pub mod selfupdate;
 pub mod stack;
 
 use std::fmt;
@@ -69,7 +70,7 @@ impl fmt::Display for MachineKind {
 }
 
 /// Every machine table this build contains.
-pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE, &space::SPACE_TABLE];
+pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE, &space::SPACE_TABLE, &selfupdate::SELF_UPDATE_TABLE];
 
 /// A state of a machine with its persisted code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

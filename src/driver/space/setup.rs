@@ -41,15 +41,19 @@ pub fn watched_filesystems(config: &Config) -> Vec<WatchedFilesystem> {
 /// one that holds the stack's checkout.
 pub fn watched_disks(config: &Config) -> Vec<WatchedDisk> {
     let mut disks: Vec<WatchedDisk> = watched_filesystems(config).into_iter().map(|filesystem| WatchedDisk { role: filesystem.role.name().into(), path: filesystem.path }).collect();
-    let checkout_parent = config.stack.checkout.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
-    disks.push(WatchedDisk { role: "stack".into(), path: checkout_parent });
+    if let Some(stack) = &config.stack {
+        let checkout_parent = stack.checkout.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+        disks.push(WatchedDisk { role: "stack".into(), path: checkout_parent });
+    }
     disks
 }
 
 /// Builds the guard's driver and the check that stack pulls run first.
 pub async fn build(config: &Config, engine: &Engine, runtime: Arc<Runtime>) -> (SpaceDriver, PullCheck) {
     let space = &config.space;
-    let project = config.stack.project.clone();
+    // Without [stack] the agent manages no Compose project: the reclaim then
+    // has no project's containers to keep, and a recorder service has none.
+    let project = config.stack.as_ref().map(|stack| stack.project.clone()).unwrap_or_default();
 
     let recorder = space.recorder.as_ref().map(|recorder| {
         let action = match (&recorder.container, &recorder.service) {
