@@ -24,10 +24,12 @@ example-clean:
 # Runs every test against the real Docker engine, registry and git server.
 # Failpoints are compiled in so the power-cut tests can stop the agent at a
 # given state; the release binary, built without them, is tested to ignore
-# AUTOUPDATE_FAILPOINT.
+# AUTOUPDATE_FAILPOINT. The self-update tests' agent image (a static build
+# in a FROM scratch image) is built first, so no test waits for it.
 test: setup
 	scripts/clean-test-resources.sh
 	$(CARGO) build --release --bin autoupdate
+	scripts/self-update-test-image.sh >/dev/null
 	$(CARGO) nextest run --features failpoints --profile ci
 	scripts/clean-test-resources.sh
 

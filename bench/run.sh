@@ -7,6 +7,8 @@
 #   BENCH_POLLS        seconds of 1-second polls for the poll-cost figures (60)
 #   BENCH_UPDATES      stack updates timed against plain `docker compose up -d` (5)
 #   BENCH_SKIP_CROSS   set to 1 to skip the aarch64 and armv7 builds
+#   BENCH_HANDOVERS    self-update handovers timed against docker run -d (5)
+#   BENCH_SKIP_HANDOVER  set to 1 to skip the handover figures
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -215,8 +217,8 @@ record rss.vm_hwm_kib "$(awk '/^VmHWM/ {print $2}' "/proc/$agent_pid/status")"
 record rss.private_kib "$(awk '/^Private_(Clean|Dirty)/ {sum += $2} END {print sum}' "/proc/$agent_pid/smaps_rollup")"
 record rss.pss_kib "$(awk '/^Pss:/ {print $2}' "/proc/$agent_pid/smaps_rollup")"
 
-if [ -x "$root/bench/handover.sh" ]; then
-  say "Self-update handover"
+if [ "${BENCH_SKIP_HANDOVER:-0}" != 1 ]; then
+  say "Self-update handover (release agent in a FROM scratch image)"
   "$root/bench/handover.sh" | while read -r key value; do record "$key" "$value"; done
 fi
 

@@ -8,10 +8,12 @@
 #
 #   scripts/bench-self-update.sh [ROUNDS]      (default 5)
 #
-# The agent is the debug build with failpoints that the self-update tests
-# use (scripts/self-update-test-image.sh), in a FROM scratch image.
+# The agent is built as the self-update tests build it
+# (scripts/self-update-test-image.sh), in a FROM scratch image, but with the
+# release profile unless AGENT_PROFILE sets another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export AGENT_PROFILE=${AGENT_PROFILE:-release}
 BENCH_ROUNDS=${1:-5} cargo nextest run --features failpoints --test self_update_bench \
   --run-ignored only --no-capture --failure-output final 2>&1 |
   grep -E '^ *(round|[0-9]+ |median|self-update steps)' || {

@@ -8,6 +8,8 @@
 # sha256>, so it is built once per change of the binary; older tags of the
 # same repository are removed. Prints the image name on standard output.
 # Runs cargo ($CARGO or cargo), which rebuilds only what changed.
+# AGENT_PROFILE=release builds the optimised agent instead of the debug one
+# (the handover benchmark uses it).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,6 +17,12 @@ cargo=${CARGO:-cargo}
 target=x86_64-unknown-linux-gnu
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 busybox_image=eventpi-test/busybox:1
+profile=${AGENT_PROFILE:-debug}
+case $profile in
+  debug) profile_flag= ;;
+  release) profile_flag=--release ;;
+  *) echo "self-update-test-image.sh: AGENT_PROFILE=$profile is neither debug nor release" >&2; exit 2 ;;
+esac
 
 log() {
   echo "self-update-test-image.sh: $*" >&2
@@ -25,8 +33,8 @@ exec 9>"${TMPDIR:-/tmp}/eventpi-self-update-test-image.lock"
 flock 9
 
 RUSTFLAGS='-C target-feature=+crt-static' "$cargo" build --quiet --manifest-path "$repo/Cargo.toml" \
-  --target "$target" --features failpoints --bin autoupdate >&2
-binary=$target_dir/$target/debug/autoupdate
+  --target "$target" --features failpoints --bin autoupdate $profile_flag >&2
+binary=$target_dir/$target/$profile/autoupdate
 if ldd "$binary" 2>&1 | grep -q '=>'; then
   log "$binary is linked dynamically; a FROM scratch image needs a static build"
   exit 1
