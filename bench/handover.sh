@@ -12,7 +12,7 @@ printf '%s\n' "$output" | python3 -c '
 import re, sys
 text = sys.stdin.read()
 median = re.search(r"median handover (\d+) ms, median docker run -d (\d+) ms, ratio ([0-9.]+)", text)
-steps = re.search(r"older lease: (\d+)", text)
+steps = re.search(r"newer lease: (\d+)", text)
 if not median or not steps:
     sys.exit("handover.sh: the benchmark printed no medians; run scripts/bench-self-update.sh to see why")
 rounds = [line.split()[1] for line in text.splitlines() if re.match(r"\s*\d+\s+\d+", line)]

@@ -216,6 +216,7 @@ record rss.vm_rss_kib "$(awk '/^VmRSS/ {print $2}' "/proc/$agent_pid/status")"
 record rss.vm_hwm_kib "$(awk '/^VmHWM/ {print $2}' "/proc/$agent_pid/status")"
 record rss.private_kib "$(awk '/^Private_(Clean|Dirty)/ {sum += $2} END {print sum}' "/proc/$agent_pid/smaps_rollup")"
 record rss.pss_kib "$(awk '/^Pss:/ {print $2}' "/proc/$agent_pid/smaps_rollup")"
+record rss.anonymous_kib "$(awk '/^Anonymous:/ {print $2}' "/proc/$agent_pid/smaps_rollup")"
 
 if [ "${BENCH_SKIP_HANDOVER:-0}" != 1 ]; then
   say "Self-update handover (release agent in a FROM scratch image)"

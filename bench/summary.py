@@ -25,7 +25,7 @@ def check(name, value, target, passed, note=""):
 
 rss = number("rss.vm_rss_kib")
 check("resident memory after polling", None if rss is None else f"{rss / 1024:.1f} MiB", "<= 8 MiB (aim 5 MiB)", rss is not None and rss <= 8 * 1024,
-      f"private {number('rss.private_kib') / 1024:.1f} MiB" if number("rss.private_kib") is not None else "")
+      f"anonymous {number('rss.anonymous_kib') / 1024:.1f} MiB, the rest is the binary's mapped pages" if number("rss.anonymous_kib") is not None else "")
 for arch in ("x86_64", "aarch64", "armv7"):
     size = number(f"binary.{arch}_bytes")
     check(f"stripped binary {arch}", None if size is None else f"{size / MIB:.2f} MiB", "<= 8 MiB", size is not None and size <= 8 * MIB)

@@ -40,7 +40,7 @@ use crate::selfupdate::spec::CandidateRequest;
 use crate::selfupdate::{AGENT_LABEL, CANDIDATE_LABEL};
 
 /// Time between two looks at a starting candidate.
-const START_POLL: Duration = Duration::from_millis(200);
+const START_POLL: Duration = Duration::from_millis(50);
 
 /// Time one readiness request may take.
 const READY_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
