@@ -103,9 +103,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         _ => None,
     };
     let disks = crate::driver::space::setup::watched_disks(&config);
-    let runtime = Arc::new(Runtime::new(device_name(&config), journal, seams, config.notifications.max_pending, disks));
+    let mut runtime = Runtime::new(device_name(&config), journal, seams, config.notifications.max_pending, disks);
+    let (button, edges) = panel::ButtonHandle::new(config.panel.button_settings());
+    runtime.button = button;
+    let runtime = Arc::new(runtime);
     runtime.board.set(Source::Agent, Some(Condition::Starting));
-    let panel_task = tokio::spawn(panel::run_simulated(runtime.board.subscribe()));
+    let panel_task = panel::spawn(&config.panel, runtime.clone(), edges);
 
     tokio::pin!(shutdown);
     let result = tokio::select! {

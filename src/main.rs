@@ -145,8 +145,9 @@ enum Command {
         host: bool,
     },
 
-    /// Sends a button press to the running agent, as the panel's button would:
-    /// short checks for an update now.
+    /// Presses the panel button of the running agent: short checks for an
+    /// update now; long holds it past panel.long_hold and releases it inside
+    /// the confirmation window, which starts the factory reset.
     Button {
         #[command(flatten)]
         target: Target,

@@ -1,0 +1,6 @@
+//! The factory reset: its material on the reserved partition, the driver of
+//! the factory-reset machine, and the handle that requests a reset.
+
+pub mod handle;
+
+pub use handle::FactoryResetHandle;
