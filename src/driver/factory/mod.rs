@@ -2,5 +2,6 @@
 //! the factory-reset machine, and the handle that requests a reset.
 
 pub mod handle;
+pub mod material;
 
 pub use handle::FactoryResetHandle;
