@@ -15,7 +15,6 @@ use crate::driver::compose::Compose;
 use crate::driver::docker::{Engine, EngineError};
 use crate::driver::git::GitMirror;
 use crate::driver::health::{self, GateSettings};
-use crate::driver::process::{self, CommandSpec};
 use crate::driver::signing::SignaturePolicy;
 use crate::driver::space::{self, preflight::PullCheck};
 use crate::failpoint::{self, Point};
@@ -55,8 +54,6 @@ pub struct DriverSettings {
     pub apply_policy: ApplyPolicy,
     pub update_locks: LockSources,
     pub state_directory: PathBuf,
-    pub factory_reset_command: Vec<String>,
-    pub factory_reset_timeout: Duration,
     pub machine: StackSettings,
     /// Set when only signed commits may be applied.
     pub signatures: Option<SignaturePolicy>,
@@ -641,22 +638,28 @@ impl StackDriver {
         }
     }
 
+    /// Hands the reset to the factory-reset machine and waits for its
+    /// outcome. The stack gives up its turn first, because the reset takes
+    /// the turn itself.
     async fn factory_reset(&mut self, reason: &str) -> StackEvents {
         tracing::error!(machine = "stack", reason, "starting the factory reset");
-        let Some((program, arguments)) = self.settings.factory_reset_command.split_first() else {
-            return StackEvents::ResetFailed(Failure::local("no factory reset command is configured (stack.factory_reset_command)"));
-        };
-        let spec = CommandSpec::new(program.clone(), self.settings.factory_reset_timeout)
-            .args(arguments.iter().cloned())
-            .env("AUTOUPDATE_RESET_REASON", reason)
-            .env("AUTOUPDATE_PROJECT", self.compose.project.clone())
-            .env("AUTOUPDATE_CHECKOUT", self.git.checkout.to_string_lossy().into_owned());
-        match process::run(&spec).await {
-            Ok(_) => {
-                tracing::warn!(machine = "stack", "factory reset finished");
-                StackEvents::ResetDone
+        self.turn = None;
+        let mut finished = self.runtime.factory_reset.subscribe();
+        let seen = finished.borrow_and_update().count;
+        self.runtime.factory_reset.request(reason);
+
+        loop {
+            if finished.changed().await.is_err() {
+                return StackEvents::ResetFailed(Failure::local("the factory-reset machine stopped before the reset finished"));
             }
-            Err(error) => StackEvents::ResetFailed(Failure::local(format!("factory reset command failed: {error}"))),
+            let outcome = finished.borrow_and_update().clone();
+            if outcome.count == seen {
+                continue;
+            }
+            return match outcome.error {
+                None => StackEvents::ResetDone,
+                Some(error) => StackEvents::ResetFailed(Failure::local(format!("factory reset failed: {error}"))),
+            };
         }
     }
 }
