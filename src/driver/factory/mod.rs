@@ -2,6 +2,7 @@
 //! the factory-reset machine, and the handle that requests a reset.
 
 pub mod handle;
+pub mod capture;
 pub mod driver;
 pub mod material;
 
