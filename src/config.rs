@@ -383,7 +383,7 @@ pub struct PanelConfig {
     #[serde(deserialize_with = "duration")]
     pub cancel_after: Duration,
     /// Directory with the factory compose files and image archives that the
-    /// factory reset restores. Default: `factory` in journal.directory.
+    /// factory reset restores. Default: `factory` beside journal.directory.
     pub factory_directory: Option<PathBuf>,
 }
 
@@ -690,9 +690,13 @@ impl Config {
     }
 
     /// Returns the directory of the factory material: panel.factory_directory,
-    /// or `factory` in the journal's directory on the reserved partition.
+    /// or `factory` beside the journal's directory, which is where the
+    /// reserved partition keeps it (see hw/README.md).
     pub fn factory_directory(&self) -> PathBuf {
-        self.panel.factory_directory.clone().unwrap_or_else(|| self.journal.directory.join("factory"))
+        self.panel.factory_directory.clone().unwrap_or_else(|| match self.journal.directory.parent() {
+            Some(parent) => parent.join("factory"),
+            None => self.journal.directory.join("factory"),
+        })
     }
 
     /// Returns the directory for override files and validation checkouts.

@@ -60,7 +60,7 @@ enum Press {
 enum FactoryAction {
     /// Stores the known-good stack as the factory material: the compose
     /// files at the known-good commit and its pinned images as `docker save`
-    /// archives, in panel.factory_directory (default: `factory` in
+    /// archives, in panel.factory_directory (default: `factory` beside
     /// journal.directory). Replaces earlier material only once the new one
     /// is complete.
     Capture {

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::panel::Condition;
-use crate::panel::pattern::Pattern;
+use crate::panel::pattern::{Pattern, spec};
 
 /// An LED that can be switched on and off.
 pub trait Led: Send {
@@ -72,7 +72,7 @@ impl Led for SimulatedLed {
 /// "checking" that every quiet poll shows, which goes to debug.
 pub async fn run_led(mut shown: watch::Receiver<Condition>, mut led: impl Led) {
     let mut current = *shown.borrow_and_update();
-    tracing::info!(led = current.name(), "LED");
+    tracing::info!(led = current.name(), pattern = spec(current).looks_like, "LED");
     loop {
         let pattern = Pattern::of(current);
         let changed = play(&pattern, &mut led, &mut shown).await;
@@ -84,10 +84,11 @@ pub async fn run_led(mut shown: watch::Receiver<Condition>, mut led: impl Led) {
         if next != current {
             let routine = matches!((current, next), (Condition::Healthy, Condition::Checking) | (Condition::Checking, Condition::Healthy));
             current = next;
+            let pattern = spec(current).looks_like;
             if routine {
-                tracing::debug!(led = current.name(), "LED");
+                tracing::debug!(led = current.name(), pattern, "LED");
             } else {
-                tracing::info!(led = current.name(), "LED");
+                tracing::info!(led = current.name(), pattern, "LED");
             }
         }
     }

@@ -11,6 +11,10 @@ use crate::driver::git::GitMirror;
 use crate::driver::git_auth::GitAccess;
 use crate::journal::Journal;
 
+/// Folder inside the factory directory where a capture writes before it
+/// swaps the material in.
+const STAGING_DIRECTORY: &str = ".capture";
+
 /// Errors of capturing the factory material.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -32,9 +36,10 @@ pub enum CaptureError {
     Material(#[from] MaterialError),
 }
 
-/// Writes the material for the known-good commit into a new directory
-/// beside the factory directory, then swaps it in, so a failed capture
-/// leaves the old material as it was.
+/// Writes the material for the known-good commit into a staging folder
+/// inside the factory directory, then swaps it in, so a failed capture
+/// leaves the old material as it was. The factory directory itself is never
+/// renamed, because it is often a bind mount.
 pub async fn capture(config: &Config) -> Result<Manifest, CaptureError> {
     let stack = config.stack.as_ref().ok_or(CaptureError::NoStack)?;
     let journal_directory = &config.journal.directory;
@@ -61,7 +66,7 @@ pub async fn capture(config: &Config) -> Result<Manifest, CaptureError> {
     let engine = Engine::connect(config.docker.host.as_deref(), None).await.map_err(|error| CaptureError::Engine(error.to_string()))?;
 
     let directory = config.factory_directory();
-    let staging = sibling(&directory, "new");
+    let staging = directory.join(STAGING_DIRECTORY);
     remove_directory(&staging)?;
     std::fs::create_dir_all(staging.join(material::IMAGES_DIRECTORY)).map_err(|source| MaterialError::Io { action: "create", path: staging.clone(), source })?;
 
@@ -94,12 +99,6 @@ pub async fn capture(config: &Config) -> Result<Manifest, CaptureError> {
     Ok(manifest)
 }
 
-fn sibling(directory: &Path, extension: &str) -> PathBuf {
-    let mut name = directory.file_name().map(|name| name.to_os_string()).unwrap_or_else(|| "factory".into());
-    name.push(format!(".{extension}"));
-    directory.with_file_name(name)
-}
-
 fn remove_directory(path: &Path) -> Result<(), MaterialError> {
     match std::fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
@@ -108,22 +107,34 @@ fn remove_directory(path: &Path) -> Result<(), MaterialError> {
     }
 }
 
-/// Replaces `directory` with `staging`. Between the two renames neither
-/// exists under the final name; a reset then finds no material, and the
-/// capture can be run again.
+/// Moves the staged material into `directory`. The old manifest goes first
+/// and the new one last, so a capture cut short leaves no manifest: a reset
+/// then reports missing material instead of mixing two captures.
 fn swap_in(staging: &Path, directory: &Path) -> Result<(), MaterialError> {
-    let old = sibling(directory, "old");
-    remove_directory(&old)?;
-    if directory.exists() {
-        std::fs::rename(directory, &old).map_err(|source| MaterialError::Io { action: "move aside", path: directory.to_path_buf(), source })?;
+    let manifest = directory.join(material::MANIFEST_FILE);
+    match std::fs::remove_file(&manifest) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(MaterialError::Io { action: "remove", path: manifest, source }),
     }
-    std::fs::rename(staging, directory).map_err(|source| MaterialError::Io { action: "move into place", path: staging.to_path_buf(), source })?;
-    if let Some(parent) = directory.parent() {
-        if let Ok(handle) = std::fs::File::open(parent) {
-            // Syncing the directory makes the renames durable; a failure only
-            // risks the old material after a power cut.
-            let _ = handle.sync_all();
+    sync_directory(directory);
+
+    for name in [material::COMPOSE_DIRECTORY, material::IMAGES_DIRECTORY, material::MANIFEST_FILE] {
+        let target = directory.join(name);
+        if name != material::MANIFEST_FILE {
+            remove_directory(&target)?;
         }
+        let source_path = staging.join(name);
+        std::fs::rename(&source_path, &target).map_err(|source| MaterialError::Io { action: "move into place", path: source_path, source })?;
+        sync_directory(directory);
     }
-    remove_directory(&old)
+    remove_directory(staging)
+}
+
+/// Makes renames in `directory` durable. A failure only risks losing the
+/// new material in a power cut, and the capture can be run again.
+fn sync_directory(directory: &Path) {
+    if let Ok(handle) = std::fs::File::open(directory) {
+        let _ = handle.sync_all();
+    }
 }
