@@ -274,6 +274,17 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_keeps_factory_reset_memory() {
+        let mut state = JournalState::new(History::Recent);
+        let memory = FactoryResetMemory { reason: Some("button".into()), resumes: 2, ..FactoryResetMemory::default() };
+        state.apply(&Record::FactoryResetMemory(FactoryResetMemoryRecord { meta: RecordMeta::default(), memory: memory.clone() }));
+
+        let rebuilt = rebuilt_from(&state);
+
+        assert_eq!(rebuilt.factory_reset_memory, Some(memory));
+    }
+
+    #[test]
     fn snapshot_keeps_space_memory() {
         use crate::machine::space::{Hold, LowFilesystem, Role, Shortage};
         let memory = SpaceMemory {

@@ -1,7 +1,7 @@
 //! The panel button as a pure state machine: raw edges and times go in,
 //! debounced presses and their meaning come out.
 //!
-//! A press shorter than `long_hold` asks for an update check. Holding for
+//! A press shorter than `long_hold` requests an update check. Holding for
 //! `long_hold` arms the factory reset, and releasing before `cancel_after`
 //! confirms it. Holding until `cancel_after` cancels it, so a stuck or
 //! shorted button never resets a device. A button already pressed when the
@@ -26,7 +26,7 @@ impl Default for ButtonSettings {
     }
 }
 
-/// What a debounced press means.
+/// Meaning of a debounced press.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ButtonAction {
     /// A short press: check for an update now.

@@ -1,7 +1,9 @@
 //! The LED and the button on a Raspberry Pi's GPIO pins, through rppal.
 //!
-//! rppal reads the Pi model from `/proc/device-tree` and opens `/dev/gpiomem`
-//! (Pi 3 and 4) or `/dev/gpiomem0` (Pi 5); off a Pi, [`open`] fails.
+//! rppal 0.22 identifies the Pi model from `/proc/cpuinfo` and opens
+//! `/dev/gpiomem` (Pi 3 and 4) or `/dev/gpiomem0` (Pi 5), plus the pin
+//! controller's `/dev/gpiochip*` for the button interrupt. Off a Pi, [`open`]
+//! fails.
 
 use rppal::gpio::{Gpio, InputPin, OutputPin, Trigger};
 use tokio::time::Instant;

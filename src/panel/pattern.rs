@@ -1,13 +1,14 @@
 //! Blink patterns: one fixed-size pattern per agent condition.
 //!
-//! [`PATTERNS`] is the only table: the LED task plays it, `autoupdate panel
-//! patterns` draws it as the SVG picture in `hw/`, and the tests compare both.
+//! [`PATTERNS`] is the only table: the LED task plays it, [`to_svg`] draws it,
+//! and `tests/panel.rs` checks `hw/led-patterns.svg` and the table in
+//! `hw/README.md` against it.
 
 use std::fmt::Write;
 
 use crate::panel::Condition;
 
-/// Most phases one pattern may have.
+/// Maximum number of phases in one pattern.
 pub const MAX_PHASES: usize = 8;
 
 /// One phase of a pattern: the LED on or off for a number of milliseconds.
@@ -31,7 +32,7 @@ pub struct PatternSpec {
     pub condition: Condition,
     /// Phases played in a loop. A single phase holds the LED steady.
     pub phases: &'static [Phase],
-    /// What a technician sees, in words.
+    /// Description of the blinking for a technician.
     pub looks_like: &'static str,
 }
 

@@ -173,7 +173,7 @@ impl FactoryResetDriver {
                 vec![notice(Severity::Warning, "factory-reset-done", reason.clone())]
             }
             (from, FactoryResetState::Idle, Some(FactoryOutcome::Failed { reason, error })) if from != FactoryResetState::Idle => {
-                vec![notice(Severity::Error, "factory-reset-failed", format!("{error} (reset {reason})"))]
+                vec![notice(Severity::Error, "factory-reset-failed", format!("factory reset ({reason}) failed: {error}"))]
             }
             _ => Vec::new(),
         }
@@ -199,6 +199,10 @@ impl FactoryResetDriver {
 
     /// Publishes the end of a reset. Requests that came in while it ran are
     /// served by it, so they are dropped.
+    ///
+    /// NOTE: after a reset from the button, the stack machine still records
+    /// the release it last applied as running, so it applies the branch
+    /// again only when the branch moves.
     fn settle(&mut self, step: &FactoryStep) {
         let error = match &self.machine.memory().last_outcome {
             Some(FactoryOutcome::Failed { error, .. }) => Some(error.clone()),

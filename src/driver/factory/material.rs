@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use bollard::query_parameters::{ImportImageOptions, TagImageOptionsBuilder};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::driver::docker::Engine;
 
@@ -127,11 +127,11 @@ pub fn write_override(directory: &Path, manifest: &Manifest) -> Result<PathBuf, 
 pub async fn load_images(engine: &Engine, directory: &Path, manifest: &Manifest) -> Result<(), MaterialError> {
     for image in &manifest.services {
         let archive = directory.join(&image.archive);
-        let bytes = tokio::fs::read(&archive).await.map_err(io_error("read", &archive))?;
-        tracing::info!(machine = "factory-reset", archive = %archive.display(), bytes = bytes.len(), "loading factory image");
+        let file = tokio::fs::File::open(&archive).await.map_err(io_error("open", &archive))?;
+        tracing::info!(machine = "factory-reset", archive = %archive.display(), "loading factory image");
 
         let options = ImportImageOptions { quiet: true, ..Default::default() };
-        let mut stream = engine.api().import_image(options, bollard::body_full(bytes.into()), None);
+        let mut stream = engine.api().import_image_stream(options, read_chunks(file), None);
         while let Some(item) = stream.next().await {
             let info = item.map_err(|source| MaterialError::Engine { action: "load", target: archive.display().to_string(), source })?;
             if let Some(error) = info.error_detail.and_then(|detail| detail.message) {
@@ -147,6 +147,27 @@ pub async fn load_images(engine: &Engine, directory: &Path, manifest: &Manifest)
         }
     }
     Ok(())
+}
+
+/// Size of the pieces an archive is sent to the engine in, so a large image
+/// never has to fit in memory.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Returns the contents of `file` as a stream of chunks. A read error ends
+/// the stream after it is passed on.
+fn read_chunks(file: tokio::fs::File) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buffer = vec![0u8; CHUNK_BYTES];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(length) => {
+                buffer.truncate(length);
+                Some((Ok(bytes::Bytes::from(buffer)), Some(file)))
+            }
+            Err(error) => Some((Err(error), None)),
+        }
+    })
 }
 
 /// Tags `source` with the factory tag `tag` and writes it as a `docker
