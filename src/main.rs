@@ -159,9 +159,10 @@ enum Command {
         host: bool,
     },
 
-    /// Presses the panel button of the running agent: short checks for an
-    /// update now; long holds it past panel.long_hold and releases it inside
-    /// the confirmation window, which starts the factory reset.
+    /// Presses the panel button of the running agent. A short press checks
+    /// for an update now. A long press is held past panel.long_hold and
+    /// released inside the confirmation window, so it starts the factory
+    /// reset.
     Button {
         #[command(flatten)]
         target: Target,

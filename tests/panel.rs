@@ -1,5 +1,5 @@
 //! The panel and the factory reset against a real agent, Docker engine,
-//! registry and git server: the LED a technician sees, button presses sent
+//! registry and git server: the LED pattern a technician watches, button presses sent
 //! with `autoupdate button`, and factory resets that survive a power cut and
 //! need no network.
 

@@ -241,7 +241,7 @@ fn other_holder(runtime: &Runtime) -> Option<String> {
     (lease.epoch != journal.epoch()).then_some(lease.holder)
 }
 
-/// How long a simulated short press holds the button.
+/// Duration of a simulated short press.
 const SHORT_PRESS: Duration = Duration::from_millis(200);
 
 /// Presses the panel button as a person would: the press goes through the
