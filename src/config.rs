@@ -424,10 +424,10 @@ fn check_panel(panel: &PanelConfig, report: &mut impl FnMut(&str, String)) {
             format!("{} leaves less than 2s after panel.long_hold ({}) to release the button; set it at least 2s above", show(panel.cancel_after), show(panel.long_hold)),
         );
     }
-    if let Some(directory) = &panel.factory_directory {
-        if !directory.is_absolute() {
-            report("panel.factory_directory", format!("{} must be an absolute path", directory.display()));
-        }
+    if let Some(directory) = &panel.factory_directory
+        && !directory.is_absolute()
+    {
+        report("panel.factory_directory", format!("{} must be an absolute path", directory.display()));
     }
 }
 

@@ -320,8 +320,7 @@ mod tests {
         tokio::time::sleep(run_for).await;
         script.abort();
         task.abort();
-        let actions = actions.lock().unwrap().clone();
-        actions
+        actions.lock().unwrap().clone()
     }
 
     #[tokio::test(start_paused = true)]
