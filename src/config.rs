@@ -1212,6 +1212,27 @@ checkout = "/srv/eventpi/stack"
     }
 
     #[test]
+    fn panel_defaults_and_factory_directory() {
+        let config = Config::parse(MINIMAL).unwrap();
+
+        assert_eq!(config.panel.button_settings(), crate::panel::button::ButtonSettings::default());
+        assert_eq!(config.factory_directory(), PathBuf::from("/var/lib/eventpi/factory"));
+    }
+
+    #[test]
+    fn button_times_without_room_are_rejected() {
+        let text = format!("{MINIMAL}\n[panel]\nlong_hold = \"1s\"\ncancel_after = \"2s\"\nfactory_directory = \"factory\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let find = |key: &str| problems.iter().find(|problem| problem.key == key).unwrap_or_else(|| panic!("no problem for {key}: {problems:?}"));
+
+        assert!(find("panel.long_hold").message.contains("1s"), "{}", find("panel.long_hold").message);
+        assert!(find("panel.cancel_after").message.contains("2s"), "{}", find("panel.cancel_after").message);
+        assert!(find("panel.factory_directory").message.contains("absolute"), "{}", find("panel.factory_directory").message);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
     fn bare_number_duration_is_rejected() {
         let text = MINIMAL.replace("checkout =", "poll_interval = 60\ncheckout =");
 
