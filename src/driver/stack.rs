@@ -21,6 +21,7 @@ use crate::failpoint::{self, Point};
 use crate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord};
 use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
+use crate::machine::factory::{FactoryOutcome, FactoryResetState};
 use crate::machine::stack::{
     ApplyPurpose, Outcome, StackCommand, StackEvent, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan,
     StackSettings, StackState, Step,
@@ -646,7 +647,14 @@ impl StackDriver {
         self.turn = None;
         let mut finished = self.runtime.factory_reset.subscribe();
         let seen = finished.borrow_and_update().count;
-        self.runtime.factory_reset.request(reason);
+        match self.earlier_reset(reason) {
+            EarlierReset::Finished(event) => {
+                tracing::info!(machine = "stack", "the factory reset for this request finished before the agent restarted");
+                return event;
+            }
+            EarlierReset::Running => tracing::info!(machine = "stack", "the factory reset for this request resumed on its own; waiting for it"),
+            EarlierReset::None => self.runtime.factory_reset.request(reason),
+        }
 
         loop {
             if finished.changed().await.is_err() {
@@ -660,6 +668,42 @@ impl StackDriver {
                 None => StackEvents::ResetDone,
                 Some(error) => StackEvents::ResetFailed(Failure::local(format!("factory reset failed: {error}"))),
             };
+        }
+    }
+}
+
+/// What the journal shows of a factory reset requested with the same reason,
+/// after a restart of the agent.
+enum EarlierReset {
+    None,
+    Running,
+    Finished(StackEvents),
+}
+
+impl StackDriver {
+    /// Looks in the journal for the factory reset that this stack state
+    /// requested before a restart. The factory-reset machine resumes on its
+    /// own, so requesting again would reset the device twice.
+    ///
+    /// NOTE: the match is by reason, which names the failed commits; a later
+    /// reset for the very same commits and failure right after an earlier
+    /// one would be taken as already done.
+    fn earlier_reset(&self, reason: &str) -> EarlierReset {
+        let journal = self.runtime.lock_journal();
+        let state = journal.state();
+        let machine_state = state.machine(MachineKind::FactoryReset.code()).and_then(|view| view.state);
+        let Some(memory) = &state.factory_reset_memory else { return EarlierReset::None };
+        let idle = machine_state.is_none_or(|code| code == FactoryResetState::Idle.code());
+
+        if !idle {
+            return if memory.reason.as_deref() == Some(reason) { EarlierReset::Running } else { EarlierReset::None };
+        }
+        match &memory.last_outcome {
+            Some(FactoryOutcome::Done { reason: done }) if done == reason => EarlierReset::Finished(StackEvents::ResetDone),
+            Some(FactoryOutcome::Failed { reason: failed, error }) if failed == reason => {
+                EarlierReset::Finished(StackEvents::ResetFailed(Failure::local(format!("factory reset failed: {error}"))))
+            }
+            _ => EarlierReset::None,
         }
     }
 }
