@@ -672,8 +672,8 @@ impl StackDriver {
     }
 }
 
-/// What the journal shows of a factory reset requested with the same reason,
-/// after a restart of the agent.
+/// State of a factory reset with the same reason in the journal, as the
+/// stack finds it after a restart of the agent.
 enum EarlierReset {
     None,
     Running,
@@ -685,9 +685,9 @@ impl StackDriver {
     /// requested before a restart. The factory-reset machine resumes on its
     /// own, so requesting again would reset the device twice.
     ///
-    /// NOTE: the match is by reason, which names the failed commits; a later
-    /// reset for the very same commits and failure right after an earlier
-    /// one would be taken as already done.
+    /// NOTE: the match is by reason, which names the failed commits. A later
+    /// reset for the very same commits and failure, right after an earlier
+    /// one, would be taken as already done.
     fn earlier_reset(&self, reason: &str) -> EarlierReset {
         let journal = self.runtime.lock_journal();
         let state = journal.state();
