@@ -18,6 +18,7 @@ install_debian_packages() {
   local wanted=(docker-registry openssh-server openssh-client graphviz busybox-static
                 dpkg-dev mmdebstrap e2fsprogs fdisk dosfstools parted util-linux
                 gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user-static
+                libc6-dev-arm64-cross libc6-dev-armhf-cross
                 apache2-utils python3-prometheus-client)
   local missing=()
   for package in "${wanted[@]}"; do

@@ -103,9 +103,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         _ => None,
     };
     let disks = crate::driver::space::setup::watched_disks(&config);
-    let runtime = Arc::new(Runtime::new(device_name(&config), journal, seams, config.notifications.max_pending, disks));
+    let mut runtime = Runtime::new(device_name(&config), journal, seams, config.notifications.max_pending, disks);
+    let (button, edges) = panel::ButtonHandle::new(config.panel.button_settings());
+    runtime.button = button;
+    let runtime = Arc::new(runtime);
     runtime.board.set(Source::Agent, Some(Condition::Starting));
-    let panel_task = tokio::spawn(panel::run_simulated(runtime.board.subscribe()));
+    let panel_task = panel::spawn(&config.panel, runtime.clone(), edges);
 
     tokio::pin!(shutdown);
     let result = tokio::select! {
@@ -226,9 +229,11 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
             None => std::future::pending().await,
         }
     };
+    let factory_reset = run_factory_reset(config, engine.clone(), runtime.clone());
     tokio::select! {
         result = stack => result,
         result = self_update => result,
+        result = factory_reset => result,
         result = space_guard.run() => Ok(result?),
         result = host_patches => Ok(result?),
     }
@@ -282,8 +287,6 @@ async fn run_stack(config: &Config, stack: &StackConfig, engine: Engine, access:
         apply_policy: stack.apply.policy().expect("Config::parse validated stack.apply"),
         update_locks: LockSources { files: stack.apply.lock_files.clone(), label: stack.apply.lock_label.clone() },
         state_directory: config.state_directory(),
-        factory_reset_command: stack.factory_reset_command.clone(),
-        factory_reset_timeout: stack.factory_reset_timeout,
         machine: StackSettings { max_resumes: stack.max_resumes },
         signatures: signature_policy(config),
         pull_check: Some(pull_check),
@@ -291,6 +294,24 @@ async fn run_stack(config: &Config, stack: &StackConfig, engine: Engine, access:
     let driver = StackDriver::new(runtime, engine, git, compose, settings);
     driver.run().await?;
     Ok(())
+}
+
+/// Runs the factory-reset machine, which the panel button and the stack
+/// update's last fallback start.
+async fn run_factory_reset(config: &Config, engine: Engine, runtime: Arc<Runtime>) -> Result<(), AgentError> {
+    let defaults = crate::machine::factory::FactoryResetSettings::default();
+    let settings = crate::driver::factory::driver::FactorySettings {
+        directory: config.factory_directory(),
+        project: config.stack.as_ref().map(|stack| stack.project.clone()),
+        compose_command: find_compose(config).await,
+        compose_timeout: config.stack.as_ref().map_or(Duration::from_secs(600), |stack| stack.compose_timeout),
+        docker_host: config.docker.host.clone(),
+        script: config.stack.as_ref().map(|stack| stack.factory_reset_command.clone()).unwrap_or_default(),
+        script_timeout: config.stack.as_ref().map_or(Duration::from_secs(1800), |stack| stack.factory_reset_timeout),
+        machine: crate::machine::factory::FactoryResetSettings { max_resumes: config.stack.as_ref().map_or(defaults.max_resumes, |stack| stack.max_resumes) },
+    };
+    let driver = crate::driver::factory::driver::FactoryResetDriver::new(runtime, engine, settings);
+    driver.run().await.map_err(|crate::driver::factory::driver::FactoryDriverError::Journal(error)| AgentError::Journal(error))
 }
 
 /// Returns the signature policy when `git.require_signed_commits` is on.

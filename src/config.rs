@@ -372,11 +372,62 @@ pub struct PanelConfig {
     pub led_pin: u8,
     /// BCM GPIO number of the button, wired to ground with the internal pull-up.
     pub button_pin: u8,
+    /// A button level must stay this long before it counts.
+    #[serde(deserialize_with = "duration")]
+    pub debounce: Duration,
+    /// Holding the button this long arms the factory reset.
+    #[serde(deserialize_with = "duration")]
+    pub long_hold: Duration,
+    /// Holding the button this long, counted from the press, cancels the
+    /// armed reset; releasing before it starts the reset.
+    #[serde(deserialize_with = "duration")]
+    pub cancel_after: Duration,
+    /// Directory with the factory compose files and image archives that the
+    /// factory reset restores. Default: `factory` beside journal.directory.
+    pub factory_directory: Option<PathBuf>,
 }
 
 impl Default for PanelConfig {
     fn default() -> Self {
-        PanelConfig { backend: PanelBackend::Simulated, led_pin: 17, button_pin: 27 }
+        let button = crate::panel::button::ButtonSettings::default();
+        PanelConfig {
+            backend: PanelBackend::Simulated,
+            led_pin: 17,
+            button_pin: 27,
+            debounce: button.debounce,
+            long_hold: button.long_hold,
+            cancel_after: button.cancel_after,
+            factory_directory: None,
+        }
+    }
+}
+
+impl PanelConfig {
+    pub fn button_settings(&self) -> crate::panel::button::ButtonSettings {
+        crate::panel::button::ButtonSettings { debounce: self.debounce, long_hold: self.long_hold, cancel_after: self.cancel_after }
+    }
+}
+
+/// Checks that the button's times leave room for a press, a hold and a
+/// release inside the confirmation window.
+fn check_panel(panel: &PanelConfig, report: &mut impl FnMut(&str, String)) {
+    let show = |value: Duration| humantime::format_duration(value).to_string();
+    if panel.debounce.is_zero() || panel.debounce > Duration::from_secs(1) {
+        report("panel.debounce", format!("{} is outside 1ms..1s; a mechanical button settles within about 20ms, so 50ms is typical", show(panel.debounce)));
+    }
+    if panel.long_hold < Duration::from_secs(2) || panel.long_hold <= panel.debounce {
+        report("panel.long_hold", format!("{} is too short: a factory reset needs a deliberate hold of at least 2s", show(panel.long_hold)));
+    }
+    if panel.cancel_after < panel.long_hold + Duration::from_secs(2) {
+        report(
+            "panel.cancel_after",
+            format!("{} leaves less than 2s after panel.long_hold ({}) to release the button; set it at least 2s above", show(panel.cancel_after), show(panel.long_hold)),
+        );
+    }
+    if let Some(directory) = &panel.factory_directory
+        && !directory.is_absolute()
+    {
+        report("panel.factory_directory", format!("{} must be an absolute path", directory.display()));
     }
 }
 
@@ -638,6 +689,16 @@ impl Config {
         })
     }
 
+    /// Returns the directory of the factory material: panel.factory_directory,
+    /// or `factory` beside the journal's directory, which is where the
+    /// reserved partition keeps it (see hw/README.md).
+    pub fn factory_directory(&self) -> PathBuf {
+        self.panel.factory_directory.clone().unwrap_or_else(|| match self.journal.directory.parent() {
+            Some(parent) => parent.join("factory"),
+            None => self.journal.directory.join("factory"),
+        })
+    }
+
     /// Returns the directory for override files and validation checkouts.
     pub fn state_directory(&self) -> PathBuf {
         self.agent.state_directory.clone().unwrap_or_else(|| match self.journal.directory.parent() {
@@ -785,6 +846,7 @@ impl Parts {
         if let Some(host) = &self.host {
             check_host(host, &mut report);
         }
+        check_panel(&self.panel, &mut report);
         if !self.journal.directory.is_absolute() {
             report("journal.directory", format!("{} must be an absolute path", self.journal.directory.display()));
         }
@@ -1147,6 +1209,27 @@ checkout = "/srv/eventpi/stack"
         assert_eq!(config.stack.as_ref().unwrap().apply.policy, None);
         assert_eq!(config.stack.as_ref().unwrap().apply.policy().unwrap().timing, crate::policy::Timing::Immediate);
         assert_eq!(config.state_directory(), PathBuf::from("/var/lib/eventpi/state"));
+    }
+
+    #[test]
+    fn panel_defaults_and_factory_directory() {
+        let config = Config::parse(MINIMAL).unwrap();
+
+        assert_eq!(config.panel.button_settings(), crate::panel::button::ButtonSettings::default());
+        assert_eq!(config.factory_directory(), PathBuf::from("/var/lib/eventpi/factory"));
+    }
+
+    #[test]
+    fn button_times_without_room_are_rejected() {
+        let text = format!("{MINIMAL}\n[panel]\nlong_hold = \"1s\"\ncancel_after = \"2s\"\nfactory_directory = \"factory\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let find = |key: &str| problems.iter().find(|problem| problem.key == key).unwrap_or_else(|| panic!("no problem for {key}: {problems:?}"));
+
+        assert!(find("panel.long_hold").message.contains("1s"), "{}", find("panel.long_hold").message);
+        assert!(find("panel.cancel_after").message.contains("2s"), "{}", find("panel.cancel_after").message);
+        assert!(find("panel.factory_directory").message.contains("absolute"), "{}", find("panel.factory_directory").message);
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 
     #[test]

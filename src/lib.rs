@@ -19,6 +19,9 @@
 //!   ([`machine::space`]) with it.
 //! - [`policy`]: apply policies (immediate, on-boot, maintenance windows in a
 //!   time zone, update locks), decided from facts the drivers gather.
+//! - [`panel`]: the status LED's blink patterns and the debounced button;
+//!   [`driver::factory`] runs the factory reset ([`machine::factory`]) that a
+//!   long press or the stack update's last fallback starts.
 //! - [`selfupdate`]: the lease rules that decide which agent acts, and the
 //!   handover of the lease from the running agent's container to a new one.
 

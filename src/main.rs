@@ -56,6 +56,20 @@ enum Press {
     Long,
 }
 
+#[derive(Debug, Subcommand)]
+enum FactoryAction {
+    /// Stores the known-good stack as the factory material: the compose
+    /// files at the known-good commit and its pinned images as `docker save`
+    /// archives, in panel.factory_directory (default: `factory` beside
+    /// journal.directory). Replaces earlier material only once the new one
+    /// is complete.
+    Capture {
+        /// Configuration file (TOML).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormatArgument {
     Human,
@@ -145,8 +159,10 @@ enum Command {
         host: bool,
     },
 
-    /// Sends a button press to the running agent, as the panel's button would:
-    /// short checks for an update now.
+    /// Presses the panel button of the running agent. A short press checks
+    /// for an update now. A long press is held past panel.long_hold and
+    /// released inside the confirmation window, so it starts the factory
+    /// reset.
     Button {
         #[command(flatten)]
         target: Target,
@@ -166,6 +182,12 @@ enum Command {
         /// Prints a JSON array instead of text.
         #[arg(long)]
         json: bool,
+    },
+
+    /// Manages the factory material that a factory reset restores.
+    Factory {
+        #[command(subcommand)]
+        action: FactoryAction,
     },
 
     /// Prints the DOT diagram of a machine, generated from its transition
@@ -260,6 +282,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", report::replay_text(journal.state()));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Factory { action: FactoryAction::Capture { config } } => {
+            let config = Config::load(&config)?;
+            init_logging(cli.log_format, Some(config.agent.log_format), &config.agent.log_level);
+            let manifest = block_on(eventpi_autoupdate::driver::factory::capture::capture(&config))?;
+            println!(
+                "stored commit {} with {} image(s) as the factory material in {}",
+                manifest.commit,
+                manifest.services.len(),
+                config.factory_directory().display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Diagram { machine } => {

@@ -11,7 +11,7 @@ use crate::coordinator::Coordinator;
 use crate::journal::{Journal, JournalError, Record};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notice};
-use crate::panel::Board;
+use crate::panel::{Board, ButtonHandle};
 use crate::seams::Seams;
 use crate::status::{self, AgentStatus};
 
@@ -45,6 +45,8 @@ pub struct Runtime {
     pub journal: SharedJournal,
     pub seams: Seams,
     pub board: Board,
+    /// Sends edges to the panel button; `autoupdate button` presses it too.
+    pub button: ButtonHandle,
     pub coordinator: Coordinator,
     pub metrics: Metrics,
     pub progress: broadcast::Sender<Progress>,
@@ -52,6 +54,8 @@ pub struct Runtime {
     pub outbox_wake: Arc<Notify>,
     /// Wakes the stack machine for a check now.
     pub stack_wake: Arc<Notify>,
+    /// Requests to the factory-reset machine.
+    pub factory_reset: Arc<crate::driver::factory::FactoryResetHandle>,
     /// Starts a host patch run now.
     pub host_wake: Arc<Notify>,
     /// Whether this agent patches its host (`[host]` is configured).
@@ -71,12 +75,15 @@ impl Runtime {
             journal,
             seams,
             board: Board::new(),
+            // The agent replaces this handle with one its button task reads.
+            button: ButtonHandle::new(Default::default()).0,
             coordinator: Coordinator::new(),
             metrics: Metrics::new(),
             progress,
             outbox_wake: Arc::new(Notify::new()),
             stack_wake: Arc::new(Notify::new()),
             host_wake: Arc::new(Notify::new()),
+            factory_reset: Arc::default(),
             host_patch_enabled: std::sync::atomic::AtomicBool::new(false),
             self_update: crate::selfupdate::SelfUpdateHandle::new(),
             outbox_capacity,

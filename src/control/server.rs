@@ -5,7 +5,7 @@
 //! | `GET /status` | the agent's status as JSON |
 //! | `GET /metrics` | metrics in the Prometheus text format |
 //! | `POST /update-now` with `{"process": "stack"}` or `"self"` | newline-delimited JSON progress until the run ends |
-//! | `POST /button` with `{"press": "short"}` | a short press: check for an update now |
+//! | `POST /button` with `{"press": "short"}` or `"long"` | a simulated press of the panel button: short checks for an update now, long arms and starts the factory reset |
 //!
 //! Anything else gets a 4xx response with a JSON error and changes nothing.
 //! Request bodies are limited to 4 KiB and must arrive within 5 seconds.
@@ -241,14 +241,23 @@ fn other_holder(runtime: &Runtime) -> Option<String> {
     (lease.epoch != journal.epoch()).then_some(lease.holder)
 }
 
+/// Duration of a simulated short press.
+const SHORT_PRESS: Duration = Duration::from_millis(200);
+
+/// Presses the panel button as a person would: the press goes through the
+/// same debouncer and hold logic as the GPIO button.
 fn button(runtime: Arc<Runtime>, press: ButtonPress) -> Response<Body> {
     match press.press.as_str() {
         "short" => {
-            tracing::info!("button: short press, checking for an update");
-            runtime.stack_wake.notify_one();
+            runtime.button.press_for(SHORT_PRESS);
             json(StatusCode::ACCEPTED, &serde_json::json!({ "action": "check for an update" }))
         }
-        "long" => error(StatusCode::CONFLICT, "a long press arms the factory reset, which this agent does not have set up"),
+        "long" => {
+            let hold = runtime.button.long_press();
+            runtime.button.press_for(hold);
+            let action = format!("hold the button for {}: arm the factory reset, then release to start it", humantime::format_duration(hold));
+            json(StatusCode::ACCEPTED, &serde_json::json!({ "action": action }))
+        }
         other => error(StatusCode::BAD_REQUEST, &format!("unknown press {other:?}; use short or long")),
     }
 }

@@ -5,6 +5,7 @@
 pub mod apply_gate;
 pub mod compose;
 pub mod docker;
+pub mod factory;
 pub mod git;
 pub mod git_auth;
 pub mod health;

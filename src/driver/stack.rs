@@ -15,13 +15,13 @@ use crate::driver::compose::Compose;
 use crate::driver::docker::{Engine, EngineError};
 use crate::driver::git::GitMirror;
 use crate::driver::health::{self, GateSettings};
-use crate::driver::process::{self, CommandSpec};
 use crate::driver::signing::SignaturePolicy;
 use crate::driver::space::{self, preflight::PullCheck};
 use crate::failpoint::{self, Point};
 use crate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord};
 use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
+use crate::machine::factory::{FactoryOutcome, FactoryResetState};
 use crate::machine::stack::{
     ApplyPurpose, Outcome, StackCommand, StackEvent, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan,
     StackSettings, StackState, Step,
@@ -55,8 +55,6 @@ pub struct DriverSettings {
     pub apply_policy: ApplyPolicy,
     pub update_locks: LockSources,
     pub state_directory: PathBuf,
-    pub factory_reset_command: Vec<String>,
-    pub factory_reset_timeout: Duration,
     pub machine: StackSettings,
     /// Set when only signed commits may be applied.
     pub signatures: Option<SignaturePolicy>,
@@ -641,22 +639,71 @@ impl StackDriver {
         }
     }
 
+    /// Hands the reset to the factory-reset machine and waits for its
+    /// outcome. The stack gives up its turn first, because the reset takes
+    /// the turn itself.
     async fn factory_reset(&mut self, reason: &str) -> StackEvents {
         tracing::error!(machine = "stack", reason, "starting the factory reset");
-        let Some((program, arguments)) = self.settings.factory_reset_command.split_first() else {
-            return StackEvents::ResetFailed(Failure::local("no factory reset command is configured (stack.factory_reset_command)"));
-        };
-        let spec = CommandSpec::new(program.clone(), self.settings.factory_reset_timeout)
-            .args(arguments.iter().cloned())
-            .env("AUTOUPDATE_RESET_REASON", reason)
-            .env("AUTOUPDATE_PROJECT", self.compose.project.clone())
-            .env("AUTOUPDATE_CHECKOUT", self.git.checkout.to_string_lossy().into_owned());
-        match process::run(&spec).await {
-            Ok(_) => {
-                tracing::warn!(machine = "stack", "factory reset finished");
-                StackEvents::ResetDone
+        self.turn = None;
+        let mut finished = self.runtime.factory_reset.subscribe();
+        let seen = finished.borrow_and_update().count;
+        match self.earlier_reset(reason) {
+            EarlierReset::Finished(event) => {
+                tracing::info!(machine = "stack", "the factory reset for this request finished before the agent restarted");
+                return event;
             }
-            Err(error) => StackEvents::ResetFailed(Failure::local(format!("factory reset command failed: {error}"))),
+            EarlierReset::Running => tracing::info!(machine = "stack", "the factory reset for this request resumed on its own; waiting for it"),
+            EarlierReset::None => self.runtime.factory_reset.request(reason),
+        }
+
+        loop {
+            if finished.changed().await.is_err() {
+                return StackEvents::ResetFailed(Failure::local("the factory-reset machine stopped before the reset finished"));
+            }
+            let outcome = finished.borrow_and_update().clone();
+            if outcome.count == seen {
+                continue;
+            }
+            return match outcome.error {
+                None => StackEvents::ResetDone,
+                Some(error) => StackEvents::ResetFailed(Failure::local(format!("factory reset failed: {error}"))),
+            };
+        }
+    }
+}
+
+/// State of a factory reset with the same reason in the journal, as the
+/// stack finds it after a restart of the agent.
+enum EarlierReset {
+    None,
+    Running,
+    Finished(StackEvents),
+}
+
+impl StackDriver {
+    /// Looks in the journal for the factory reset that this stack state
+    /// requested before a restart. The factory-reset machine resumes on its
+    /// own, so requesting again would reset the device twice.
+    ///
+    /// NOTE: the match is by reason, which names the failed commits. A later
+    /// reset for the very same commits and failure, right after an earlier
+    /// one, would be taken as already done.
+    fn earlier_reset(&self, reason: &str) -> EarlierReset {
+        let journal = self.runtime.lock_journal();
+        let state = journal.state();
+        let machine_state = state.machine(MachineKind::FactoryReset.code()).and_then(|view| view.state);
+        let Some(memory) = &state.factory_reset_memory else { return EarlierReset::None };
+        let idle = machine_state.is_none_or(|code| code == FactoryResetState::Idle.code());
+
+        if !idle {
+            return if memory.reason.as_deref() == Some(reason) { EarlierReset::Running } else { EarlierReset::None };
+        }
+        match &memory.last_outcome {
+            Some(FactoryOutcome::Done { reason: done }) if done == reason => EarlierReset::Finished(StackEvents::ResetDone),
+            Some(FactoryOutcome::Failed { reason: failed, error }) if failed == reason => {
+                EarlierReset::Finished(StackEvents::ResetFailed(Failure::local(format!("factory reset failed: {error}"))))
+            }
+            _ => EarlierReset::None,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine::factory::FactoryResetMemory;
 use crate::machine::host::HostMemory;
 use crate::machine::space::SpaceMemory;
 use crate::machine::selfupdate::SelfUpdateMemory;
@@ -170,6 +171,13 @@ pub struct SelfUpdateMemoryRecord {
     pub memory: SelfUpdateMemory,
 }
 
+/// The factory-reset machine's memory after a transition that changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactoryResetMemoryRecord {
+    pub meta: RecordMeta,
+    pub memory: FactoryResetMemory,
+}
+
 /// Every record this build reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -189,6 +197,7 @@ pub enum Record {
     ApplyHold(ApplyHoldRecord),
     SpaceMemory(SpaceMemoryRecord),
     SelfUpdateMemory(SelfUpdateMemoryRecord),
+    FactoryResetMemory(FactoryResetMemoryRecord),
 }
 
 /// Tag values. Append new ones; never reuse or renumber.
@@ -214,6 +223,7 @@ pub mod tag {
     pub const HOST_MEMORY: u8 = 48;
     pub const APPLY_HOLD: u8 = 112;
     pub const SPACE_MEMORY: u8 = 64;
+    pub const FACTORY_RESET_MEMORY: u8 = 80;
 }
 
 /// Error for a payload with a known tag that does not decode.
@@ -251,6 +261,7 @@ impl Record {
             Record::ApplyHold(_) => tag::APPLY_HOLD,
             Record::SpaceMemory(_) => tag::SPACE_MEMORY,
             Record::SelfUpdateMemory(_) => tag::SELF_UPDATE_MEMORY,
+            Record::FactoryResetMemory(_) => tag::FACTORY_RESET_MEMORY,
         }
     }
 
@@ -272,6 +283,7 @@ impl Record {
             Record::ApplyHold(record) => &record.meta,
             Record::SpaceMemory(record) => &record.meta,
             Record::SelfUpdateMemory(record) => &record.meta,
+            Record::FactoryResetMemory(record) => &record.meta,
         }
     }
 
@@ -294,6 +306,7 @@ impl Record {
             Record::ApplyHold(record) => postcard::to_stdvec(record),
             Record::SpaceMemory(record) => postcard::to_stdvec(record),
             Record::SelfUpdateMemory(record) => postcard::to_stdvec(record),
+            Record::FactoryResetMemory(record) => postcard::to_stdvec(record),
         };
         encoded.expect("postcard encodes these plain structs into a Vec without error")
     }
@@ -321,6 +334,7 @@ impl Record {
             tag::APPLY_HOLD => Record::ApplyHold(parse(tag, payload)?),
             tag::SPACE_MEMORY => Record::SpaceMemory(parse(tag, payload)?),
             tag::SELF_UPDATE_MEMORY => Record::SelfUpdateMemory(parse(tag, payload)?),
+            tag::FACTORY_RESET_MEMORY => Record::FactoryResetMemory(parse(tag, payload)?),
             unknown => return Ok(Decoded::UnknownTag(unknown)),
         };
         Ok(Decoded::Known(record))
@@ -390,6 +404,17 @@ mod tests {
         let decoded = Record::decode(tag::SELF_UPDATE_MEMORY, &record.encode_payload()).unwrap();
 
         assert_eq!(record.tag(), 32);
+        assert_eq!(decoded, Decoded::Known(record));
+    }
+
+    #[test]
+    fn factory_reset_memory_round_trips_under_its_tag() {
+        let memory = crate::machine::factory::FactoryResetMemory { reason: Some("button".into()), resets_done: 1, ..Default::default() };
+        let record = Record::FactoryResetMemory(FactoryResetMemoryRecord { meta: RecordMeta::default(), memory });
+
+        let decoded = Record::decode(tag::FACTORY_RESET_MEMORY, &record.encode_payload()).unwrap();
+
+        assert_eq!(record.tag(), 80);
         assert_eq!(decoded, Decoded::Known(record));
     }
 

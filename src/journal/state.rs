@@ -8,6 +8,8 @@ use crate::journal::record::{
     MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, SelfUpdateMemoryRecord, SpaceMemoryRecord,
     StackMemoryRecord, TransitionRecord,
 };
+use crate::journal::record::FactoryResetMemoryRecord;
+use crate::machine::factory::FactoryResetMemory;
 use crate::machine::host::HostMemory;
 use crate::machine::selfupdate::SelfUpdateMemory;
 use crate::machine::space::SpaceMemory;
@@ -52,6 +54,7 @@ pub struct JournalState {
     pub stack_memory: Option<StackMemory>,
     pub host_memory: Option<HostMemory>,
     pub space_memory: Option<SpaceMemory>,
+    pub factory_reset_memory: Option<FactoryResetMemory>,
     /// The self-update machine's memory and the lease epoch its last step
     /// was written under.
     pub self_update: Option<(u64, SelfUpdateMemory)>,
@@ -83,6 +86,7 @@ impl JournalState {
             stack_memory: None,
             host_memory: None,
             space_memory: None,
+            factory_reset_memory: None,
             self_update: None,
             lease: None,
             aborted_epochs: BTreeSet::new(),
@@ -177,6 +181,7 @@ impl JournalState {
             }
             Record::HostMemory(memory) => self.host_memory = Some(memory.memory.clone()),
             Record::SpaceMemory(memory) => self.space_memory = Some(memory.memory.clone()),
+            Record::FactoryResetMemory(memory) => self.factory_reset_memory = Some(memory.memory.clone()),
             Record::SelfUpdateMemory(memory) => self.self_update = Some((memory.epoch, memory.memory.clone())),
             Record::ApplyHold(hold) => {
                 self.apply_holds.insert(hold.machine, hold.clone());
@@ -208,6 +213,9 @@ impl JournalState {
         }
         if let Some(memory) = &self.space_memory {
             records.push(Record::SpaceMemory(SpaceMemoryRecord { meta, memory: memory.clone() }));
+        }
+        if let Some(memory) = &self.factory_reset_memory {
+            records.push(Record::FactoryResetMemory(FactoryResetMemoryRecord { meta, memory: memory.clone() }));
         }
         if let Some((epoch, memory)) = &self.self_update {
             records.push(Record::SelfUpdateMemory(SelfUpdateMemoryRecord { meta, epoch: *epoch, memory: memory.clone() }));
@@ -263,6 +271,17 @@ mod tests {
         }
 
         assert_eq!(rebuilt.host_memory, Some(memory));
+    }
+
+    #[test]
+    fn snapshot_keeps_factory_reset_memory() {
+        let mut state = JournalState::new(History::Recent);
+        let memory = FactoryResetMemory { reason: Some("button".into()), resumes: 2, ..FactoryResetMemory::default() };
+        state.apply(&Record::FactoryResetMemory(FactoryResetMemoryRecord { meta: RecordMeta::default(), memory: memory.clone() }));
+
+        let rebuilt = rebuilt_from(&state);
+
+        assert_eq!(rebuilt.factory_reset_memory, Some(memory));
     }
 
     #[test]

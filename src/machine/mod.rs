@@ -6,6 +6,7 @@
 //! that need one case per state. No machine does I/O: guards read facts given
 //! to them, and actions queue commands for a driver.
 
+pub mod factory;
 pub mod host;
 pub mod space;
 pub mod selfupdate;
@@ -70,7 +71,7 @@ impl fmt::Display for MachineKind {
 }
 
 /// Every machine table this build contains.
-pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE, &space::SPACE_TABLE, &selfupdate::SELF_UPDATE_TABLE];
+pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE, &space::SPACE_TABLE, &selfupdate::SELF_UPDATE_TABLE, &factory::FACTORY_RESET_TABLE];
 
 /// A state of a machine with its persisted code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
