@@ -27,7 +27,7 @@ use proptest::prelude::*;
 /// Steps allowed to reach a resting state with success events only.
 const QUIESCENCE_STEPS: usize = 60;
 
-/// Longest random event sequence.
+/// Maximum length of a random event sequence.
 const MAX_EVENTS: usize = 48;
 
 /// What the properties need from one machine.
@@ -400,7 +400,7 @@ impl Subject for Space {
         vec![5, 7, 10]
     }
 
-    /// Watching and Holding wait for the next sample; Holding keeps the
+    /// Watching and Holding wait for the next sample. Holding keeps the
     /// recorder stopped until space comes back.
     fn is_resting(&self) -> bool {
         matches!(self.0.state(), SpaceState::Watching | SpaceState::Holding)
@@ -539,10 +539,9 @@ fn feed_self_update(machine: &mut SelfUpdate, event: SelfUpdateEvents) -> Result
     Ok((step.from.code(), step.event.code(), step.to.code()))
 }
 
-/// Checks one outcome of feeding an event against the table: a taken event
-/// must follow a listed row, and an event the table lists for the state must
-/// be taken, so no guard combination and no failing action leaves it
-/// unhandled.
+/// Checks one outcome of feeding an event against the table. A taken event
+/// must follow a listed row. An event the table lists for the state must be
+/// taken, so no guard combination and no failing action leaves it unhandled.
 fn check_step<S: Subject>(from: u8, event: u8, strict: bool, result: &Result<(u8, u8, u8), String>, machine: &S) -> Result<(), String> {
     let table = S::TABLE;
     let name = table.machine.name();
@@ -674,8 +673,8 @@ fn check_table<S: Subject>() -> Result<(), String> {
     Ok(())
 }
 
-/// Checks that the failure events of the pool are exactly the events whose
-/// payload is a failure, so a new failure event needs a pool entry.
+/// Checks that the pool's failure events are exactly the machine events
+/// that can report a failure, and that every event has a pool entry.
 fn check_failure_pool<S: Subject>(failure_event_names: &[&str]) -> Result<(), String> {
     let table = S::TABLE;
     let mut pooled: Vec<&str> = S::failure_events().into_iter().filter_map(|index| table.event_name(S::event(index).0)).collect();
