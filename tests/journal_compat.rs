@@ -403,9 +403,10 @@ fn generator_matches_golden_every_machine() {
 }
 
 /// Records with tags from a newer version, between known records, are
-/// skipped and counted, and an older agent still appends after them.
+/// skipped and counted, `autoupdate replay` warns about them, and an older
+/// agent still appends after them.
 #[test]
-fn future_tags_skipped_and_counted() {
+fn future_tags_skipped_with_warning() {
     let directory = golden_copy();
     let path = journal_path(directory.path());
     let (golden_state, _) = read_state(directory.path());
@@ -439,4 +440,8 @@ fn future_tags_skipped_and_counted() {
     assert!(output.status.success(), "autoupdate replay failed with {}: {stderr}", output.status);
     assert!(stdout.starts_with(&golden_replay), "the golden transitions replay unchanged:\n{stdout}");
     assert!(stdout.ends_with("stack        Idle --Poll--> Fetching\n"), "the transition after the newer records replays:\n{stdout}");
+    assert!(
+        stderr.contains(&format!("skipped {} records with tags from a newer agent version", FUTURE_TAGS.len())),
+        "replay warns about the skipped records:\n{stderr}"
+    );
 }
