@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup build example example-clean test bench diagrams lint clean-test-resources
+.PHONY: setup build example example-clean test bench diagrams lint clean-test-resources soak
 
 # Installs Compose v2, the registry, sshd, graphviz, busybox-static and the
 # cross linkers (Debian 12). Safe to run again.
@@ -49,3 +49,13 @@ lint:
 # Removes the containers, networks, volumes and images that tests label.
 clean-test-resources:
 	scripts/clean-test-resources.sh
+
+# Runs SOAK_UPDATES stack updates with random faults (registry stopped,
+# broken image, agent killed) against one agent, and prints failures, leaks
+# and the agent's RSS. Not part of `make test`. The test removes its own
+# Compose project and images, so other runs on the engine keep theirs.
+SOAK_UPDATES ?= 200
+SOAK_SEED ?= 1592532006
+
+soak: setup
+	SOAK_UPDATES=$(SOAK_UPDATES) SOAK_SEED=$(SOAK_SEED) nice -n 10 $(CARGO) test --features failpoints --test soak -- --ignored --nocapture
