@@ -445,3 +445,22 @@ fn future_tags_skipped_with_warning() {
         "replay warns about the skipped records:\n{stderr}"
     );
 }
+
+/// A transition whose wall time lies past the year 9999, as a wrong clock or
+/// a damaged record gives, replays and shows in the status instead of
+/// stopping either command.
+#[test]
+fn far_future_time_replays() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(directory.path(), small_options()).unwrap();
+    let meta = RecordMeta { boot_id: *b"golden-every-bt1", monotonic_ms: 1_000, wall_ms: u64::MAX, clock_synced: false };
+    journal.take_lease(HOLDER, meta).unwrap();
+    journal.append(vec![Record::Transition(TransitionRecord { meta, machine: MachineKind::Stack.code(), from: 1, event: 1, to: 2, attempt: 0 })]).unwrap();
+    drop(journal);
+
+    let replay = replay_stdout(directory.path());
+    let status = Command::new(env!("CARGO_BIN_EXE_autoupdate")).arg("status").arg("--journal").arg(directory.path()).output().unwrap();
+
+    assert!(replay.contains("18446744073709551615 ms after the Unix epoch"), "{replay}");
+    assert!(status.status.success(), "autoupdate status failed: {}", String::from_utf8_lossy(&status.stderr));
+}
