@@ -30,6 +30,12 @@ const QUIESCENCE_STEPS: usize = 60;
 /// Maximum length of a random event sequence.
 const MAX_EVENTS: usize = 48;
 
+/// The codes of one step: from state, event and to state.
+type StepCodes = (u8, u8, u8);
+
+/// Feeds one pool event to a machine.
+type Feed<S> = Box<dyn FnOnce(&mut S) -> Result<StepCodes, String>>;
+
 /// What the properties need from one machine.
 trait Subject: Sized {
     const TABLE: &'static MachineTable;
@@ -46,7 +52,7 @@ trait Subject: Sized {
     fn pool_size() -> usize;
 
     /// Builds event `index` of the pool, with its persisted event code.
-    fn event(index: usize) -> (u8, Box<dyn FnOnce(&mut Self) -> Result<(u8, u8, u8), String>>);
+    fn event(index: usize) -> (u8, Feed<Self>);
 
     /// Tells whether pool event `index` carries a payload that the machine
     /// rejects on purpose, even in a state whose table row takes the event.
@@ -58,7 +64,7 @@ trait Subject: Sized {
     fn resumed_code() -> u8;
 
     /// Feeds `Resumed`, returning (from, event, to) or the error.
-    fn resume(&mut self) -> Result<(u8, u8, u8), String>;
+    fn resume(&mut self) -> Result<StepCodes, String>;
 
     /// Pool indices of the events that report a failure.
     fn failure_events() -> Vec<usize>;
@@ -120,7 +126,7 @@ impl Subject for Stack {
         22
     }
 
-    fn event(index: usize) -> (u8, Box<dyn FnOnce(&mut Self) -> Result<(u8, u8, u8), String>>) {
+    fn event(index: usize) -> (u8, Feed<Self>) {
         let event = match index {
             0 => StackEvents::Poll,
             1 => StackEvents::Resumed,
@@ -154,7 +160,7 @@ impl Subject for Stack {
         StackEvent::Resumed.code()
     }
 
-    fn resume(&mut self) -> Result<(u8, u8, u8), String> {
+    fn resume(&mut self) -> Result<StepCodes, String> {
         feed_stack(self, StackEvents::Resumed)
     }
 
@@ -199,7 +205,7 @@ impl Subject for Stack {
     }
 }
 
-fn feed_stack(machine: &mut Stack, event: StackEvents) -> Result<(u8, u8, u8), String> {
+fn feed_stack(machine: &mut Stack, event: StackEvents) -> Result<StepCodes, String> {
     let step = machine.0.handle(event, StackFacts { boot_id: [3; 16] }).map_err(|error| error.to_string())?;
     Ok((step.from.code(), step.event.code(), step.to.code()))
 }
@@ -236,7 +242,7 @@ impl Subject for Host {
         17
     }
 
-    fn event(index: usize) -> (u8, Box<dyn FnOnce(&mut Self) -> Result<(u8, u8, u8), String>>) {
+    fn event(index: usize) -> (u8, Feed<Self>) {
         let event = match index {
             0 => HostEvents::Start,
             1 => HostEvents::Resumed,
@@ -265,7 +271,7 @@ impl Subject for Host {
         HostEvent::Resumed.code()
     }
 
-    fn resume(&mut self) -> Result<(u8, u8, u8), String> {
+    fn resume(&mut self) -> Result<StepCodes, String> {
         feed_host(self, HostEvents::Resumed)
     }
 
@@ -307,7 +313,7 @@ impl Subject for Host {
     }
 }
 
-fn feed_host(machine: &mut Host, event: HostEvents) -> Result<(u8, u8, u8), String> {
+fn feed_host(machine: &mut Host, event: HostEvents) -> Result<StepCodes, String> {
     let step = machine.0.handle(event, HostFacts { nonce: 7 }).map_err(|error| error.to_string())?;
     Ok((step.from.code(), step.event.code(), step.to.code()))
 }
@@ -360,7 +366,7 @@ impl Subject for Space {
         12
     }
 
-    fn event(index: usize) -> (u8, Box<dyn FnOnce(&mut Self) -> Result<(u8, u8, u8), String>>) {
+    fn event(index: usize) -> (u8, Feed<Self>) {
         let event = match index {
             0 => SpaceEvents::Sampled(space_sample(50, 50, 1)),
             1 => SpaceEvents::Sampled(space_sample(5, 50, 2)),
@@ -384,7 +390,7 @@ impl Subject for Space {
         SpaceEvent::Resumed.code()
     }
 
-    fn resume(&mut self) -> Result<(u8, u8, u8), String> {
+    fn resume(&mut self) -> Result<StepCodes, String> {
         feed_space(self, SpaceEvents::Resumed)
     }
 
@@ -423,7 +429,7 @@ impl Subject for Space {
     }
 }
 
-fn feed_space(machine: &mut Space, event: SpaceEvents) -> Result<(u8, u8, u8), String> {
+fn feed_space(machine: &mut Space, event: SpaceEvents) -> Result<StepCodes, String> {
     let step = machine.0.handle(event).map_err(|error| error.to_string())?;
     Ok((step.from.code(), step.event.code(), step.to.code()))
 }
@@ -463,7 +469,7 @@ impl Subject for SelfUpdate {
         index == 19
     }
 
-    fn event(index: usize) -> (u8, Box<dyn FnOnce(&mut Self) -> Result<(u8, u8, u8), String>>) {
+    fn event(index: usize) -> (u8, Feed<Self>) {
         let event = match index {
             0 => SelfUpdateEvents::Check,
             1 => SelfUpdateEvents::Resumed,
@@ -495,7 +501,7 @@ impl Subject for SelfUpdate {
         SelfUpdateEvent::Resumed.code()
     }
 
-    fn resume(&mut self) -> Result<(u8, u8, u8), String> {
+    fn resume(&mut self) -> Result<StepCodes, String> {
         feed_self_update(self, SelfUpdateEvents::Resumed)
     }
 
@@ -533,7 +539,7 @@ impl Subject for SelfUpdate {
     }
 }
 
-fn feed_self_update(machine: &mut SelfUpdate, event: SelfUpdateEvents) -> Result<(u8, u8, u8), String> {
+fn feed_self_update(machine: &mut SelfUpdate, event: SelfUpdateEvents) -> Result<StepCodes, String> {
     let facts = SelfUpdateFacts { now: BootTime { boot_id: [4; 16], ms: 1_000 }, jitter_permille: 100, forced: false };
     let step = machine.0.handle(event, facts).map_err(|error| error.to_string())?;
     Ok((step.from.code(), step.event.code(), step.to.code()))
@@ -542,7 +548,7 @@ fn feed_self_update(machine: &mut SelfUpdate, event: SelfUpdateEvents) -> Result
 /// Checks one outcome of feeding an event against the table. A taken event
 /// must follow a listed row. An event the table lists for the state must be
 /// taken, so no guard combination and no failing action leaves it unhandled.
-fn check_step<S: Subject>(from: u8, event: u8, strict: bool, result: &Result<(u8, u8, u8), String>, machine: &S) -> Result<(), String> {
+fn check_step<S: Subject>(from: u8, event: u8, strict: bool, result: &Result<StepCodes, String>, machine: &S) -> Result<(), String> {
     let table = S::TABLE;
     let name = table.machine.name();
     let state = table.state_name(from).unwrap_or("?");
