@@ -3,7 +3,9 @@
 //!
 //! Each round pushes a new commit and injects at most one fault: the registry
 //! stopped during the update, a broken image that must be rolled back, or the
-//! agent killed with SIGKILL part way and started again. After every round the
+//! agent and the processes it started killed with SIGKILL part way, and the
+//! agent started again. A round with a kill may end rolled back instead of
+//! completed, and the run counts those rounds. After every round the
 //! Compose project must have exactly one running container, the known-good
 //! images exactly one keep-tag, and the state directory no temporary files.
 //!
@@ -15,10 +17,13 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Agent, Behaviour, World, count_transitions, project_containers, push_image};
+use support::{Agent, Behaviour, World, project_containers, push_image};
 
 /// Time one round may take before it counts as failed.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// Time a finished round has to remove what it no longer needs.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the registry stays stopped in a registry fault.
 const REGISTRY_DOWN: Duration = Duration::from_secs(6);
@@ -123,8 +128,44 @@ fn leaks(agent: &Agent, project: &str) -> Vec<String> {
     found
 }
 
-fn rollbacks(agent: &Agent) -> usize {
-    count_transitions(agent, "RevertProbation", "GatePassed", "Idle")
+/// Tells whether the status shows the rollback from `commit` as the last
+/// outcome. The status is read instead of counting transitions, because a
+/// compaction drops old transitions from the journal.
+fn rolled_back_from(agent: &Agent, commit: &str) -> bool {
+    agent.status().contains(&format!("rolled back from {} to", &commit[..12]))
+}
+
+/// Kills the agent and every process it started with SIGKILL, as a crash
+/// of the agent's container or a power cut does. Killing the agent alone
+/// would leave a `docker compose` it started running beside the restarted
+/// agent, which cannot happen in a container.
+fn kill_agent_and_children(agent: &mut Agent) {
+    let Some(pid) = agent.pid() else { return };
+    let mut pending = vec![pid.to_string()];
+    let mut tree = Vec::new();
+    while let Some(parent) = pending.pop() {
+        let output = Command::new("pgrep").args(["-P", &parent]).output().expect("pgrep runs");
+        for child in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+            pending.push(child.to_string());
+            tree.push(child.to_string());
+        }
+    }
+    // SAFETY: kill(2) on the agent's pid. SIGSTOP keeps the agent from
+    // starting new processes while its children are killed.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGSTOP);
+    }
+    for child in &tree {
+        let _ = Command::new("kill").args(["-KILL", child]).status();
+    }
+    agent.kill();
+}
+
+/// Writes the agent's whole log into the temporary directory and returns its path.
+fn save_log(agent: &Agent, round: u64) -> String {
+    let path = std::env::temp_dir().join(format!("eventpi-soak-round-{round}.log"));
+    std::fs::write(&path, agent.log()).expect("the agent log can be saved");
+    path.display().to_string()
 }
 
 fn agents_running(agent: &Agent) -> usize {
@@ -155,12 +196,12 @@ fn soak_stack_updates() {
     let started = Instant::now();
     let mut failures = Vec::new();
     let mut leaked = Vec::new();
+    let mut killed_and_rolled_back = Vec::new();
     let mut counts = [0u32; 4];
     for round in 1..=updates {
         let fault = pick_fault(&mut random);
         counts[fault as usize] += 1;
         let image = if fault == Fault::BrokenImage { &broken } else { &good[(round % 2) as usize] };
-        let rollbacks_before = if fault == Fault::BrokenImage { rollbacks(&agent) } else { 0 };
 
         if fault == Fault::RegistryStopped {
             world.registry.stop();
@@ -173,7 +214,7 @@ fn soak_stack_updates() {
             }
             Fault::AgentKilled => {
                 std::thread::sleep(Duration::from_millis(random.below(5000)));
-                agent.kill();
+                kill_agent_and_children(&mut agent);
                 agent.start();
                 restarts += 1;
                 last_restart_round = round;
@@ -181,15 +222,28 @@ fn soak_stack_updates() {
             Fault::None | Fault::BrokenImage => {}
         }
 
+        // A kill may end an update either way: completed, or rolled back to
+        // the known-good commit.
         let reached = match fault {
-            Fault::BrokenImage => poll(ROUND_TIMEOUT, || rollbacks(&agent) > rollbacks_before),
-            _ => poll(ROUND_TIMEOUT, || agent.known_good_is(&commit)),
+            Fault::BrokenImage => poll(ROUND_TIMEOUT, || rolled_back_from(&agent, &commit)),
+            Fault::AgentKilled => poll(ROUND_TIMEOUT, || agent.known_good_is(&commit) || rolled_back_from(&agent, &commit)),
+            Fault::None | Fault::RegistryStopped => poll(ROUND_TIMEOUT, || agent.known_good_is(&commit)),
         };
+        if reached && fault == Fault::AgentKilled && !agent.known_good_is(&commit) {
+            killed_and_rolled_back.push(round);
+        }
         if !reached {
-            failures.push(format!("round {round} ({fault:?}, commit {}): no end state in {ROUND_TIMEOUT:?}\n{}", &commit[..12], agent.log_tail()));
+            let log = save_log(&agent, round);
+            failures.push(format!("round {round} ({fault:?}, commit {}): no end state in {ROUND_TIMEOUT:?}; agent log in {log}\n{}", &commit[..12], agent.log_tail()));
             continue;
         }
-        let found = leaks(&agent, &world.project);
+        // The old keep-tag goes after the new known-good commit is
+        // recorded, so a round gets a few seconds to settle.
+        let mut found = Vec::new();
+        poll(SETTLE_TIMEOUT, || {
+            found = leaks(&agent, &world.project);
+            found.is_empty()
+        });
         if !found.is_empty() {
             leaked.push(format!("round {round} ({fault:?}): {}", found.join("; ")));
         }
@@ -218,6 +272,7 @@ fn soak_stack_updates() {
         counts[Fault::AgentKilled as usize]
     );
     println!("failures: {}, rounds with leaks: {}", failures.len(), leaked.len());
+    println!("good commits rolled back after a kill: {} (rounds {killed_and_rolled_back:?})", killed_and_rolled_back.len());
     println!("agent RSS: {rss_start} KiB after the first update, {rss_end} KiB at the end, {rss_max} KiB at most");
     println!("agent restarts by SIGKILL: {restarts}, the last in round {last_restart_round}, so the end figure is of a process that ran {} rounds", updates - last_restart_round);
     assert!(!status.contains("skipped while reading"), "the journal has damaged records:\n{status}");
