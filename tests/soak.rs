@@ -1,10 +1,10 @@
 //! Soak run: many stack updates in a row against one agent, with random
 //! faults, to find failures and leaks that single tests do not show.
 //!
-//! Each round pushes a new commit and injects at most one fault: the registry
-//! stopped during the update, a broken image that must be rolled back, or the
-//! agent and the processes it started killed with SIGKILL part way, and the
-//! agent started again. A round with a kill may end rolled back instead of
+//! Each round pushes a new commit and injects at most one fault. The fault
+//! is the registry stopped during the update, a broken image that must be
+//! rolled back, or the agent and the processes it started killed with
+//! SIGKILL part way, after which the agent starts again. A round with a kill may end rolled back instead of
 //! completed, and the run counts those rounds. After every round the
 //! Compose project must have exactly one running container, the known-good
 //! images exactly one keep-tag, and the state directory no temporary files.
