@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup build example example-clean test bench diagrams lint clean-test-resources
+.PHONY: setup build example example-clean test bench diagrams lint clean-test-resources fuzz soak
 
 # Installs Compose v2, the registry, sshd, graphviz, busybox-static and the
 # cross linkers (Debian 12). Safe to run again.
@@ -51,3 +51,34 @@ lint:
 # Removes the containers, networks, volumes and images that tests label.
 clean-test-resources:
 	scripts/clean-test-resources.sh
+
+# Runs each fuzz target for FUZZ_SECONDS, one after the other, with cargo-fuzz
+# (`cargo install cargo-fuzz`) on a nightly toolchain. New inputs go to
+# fuzz/corpus/TARGET, crashes to fuzz/artifacts/TARGET. The limits make an
+# allocation above FUZZ_MALLOC_MB, a process above FUZZ_RSS_MB or an input
+# slower than FUZZ_TIMEOUT seconds a failure instead of passing silently.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= journal_reader handover_request config_parser
+FUZZ_TOOLCHAIN ?= nightly
+FUZZ_RSS_MB ?= 2048
+FUZZ_MALLOC_MB ?= 512
+FUZZ_TIMEOUT ?= 30
+
+fuzz:
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$target && \
+		nice -n 10 $(CARGO) +$(FUZZ_TOOLCHAIN) fuzz run $$target corpus/$$target seeds/$$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=$(FUZZ_RSS_MB) \
+			-malloc_limit_mb=$(FUZZ_MALLOC_MB) -timeout=$(FUZZ_TIMEOUT) -print_final_stats=1 \
+			|| exit 1; \
+	done
+
+# Runs SOAK_UPDATES stack updates with random faults (registry stopped,
+# broken image, agent killed) against one agent, and prints failures, leaks
+# and the agent's RSS. Not part of `make test`. The test removes its own
+# Compose project and images, so other runs on the engine keep theirs.
+SOAK_UPDATES ?= 200
+SOAK_SEED ?= 1592532006
+
+soak: setup
+	SOAK_UPDATES=$(SOAK_UPDATES) SOAK_SEED=$(SOAK_SEED) nice -n 10 $(CARGO) test --features failpoints --test soak -- --ignored --nocapture

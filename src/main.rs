@@ -276,6 +276,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Replay { journal, json } => {
             let journal = Journal::open_read_only(&journal)?;
+            let state = journal.state();
+            if state.unknown_records > 0 {
+                eprintln!("warning: skipped {} records with tags from a newer agent version", state.unknown_records);
+            }
+            if state.undecodable_records > 0 {
+                eprintln!("warning: skipped {} records whose payload does not decode", state.undecodable_records);
+            }
             if json {
                 let entries = report::replay_entries(journal.state());
                 println!("{}", serde_json::to_string_pretty(&entries)?);

@@ -63,6 +63,29 @@ pub fn replay_text(state: &JournalState) -> String {
 }
 
 /// Formats milliseconds since the epoch as RFC 3339 in UTC, to the second.
+/// A time after the year 9999, which only a damaged record or a wrong clock
+/// gives, is shown as milliseconds, because humantime 2 formats years up to
+/// 9999 only and returns an error for later ones.
 pub fn format_time(wall_ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(wall_ms)).to_string()
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(wall_ms))) {
+        Ok(()) => text,
+        Err(_) => format!("{wall_ms} ms after the Unix epoch"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_time;
+
+    #[test]
+    fn format_time_rfc3339() {
+        assert_eq!(format_time(1_793_606_400_000), "2026-11-02T08:00:00Z");
+    }
+
+    #[test]
+    fn format_time_past_year_9999() {
+        assert_eq!(format_time(u64::MAX), "18446744073709551615 ms after the Unix epoch");
+        assert_eq!(format_time(253_402_300_800_000), "253402300800000 ms after the Unix epoch");
+    }
 }

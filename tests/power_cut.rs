@@ -1,7 +1,8 @@
 //! Power cuts at every state of the stack machine: the agent is killed with
 //! SIGKILL through a failpoint right after a transition is persisted or right
 //! before a command runs, then started again. Every case must end in its
-//! stated outcome with a valid journal and no leftovers.
+//! stated outcome with a valid journal, one agent process, one keep-tag for
+//! the known-good image and no leftovers.
 //!
 //! The states come from the machine's transition table, so a state added
 //! without a case here fails the test.
@@ -14,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use eventpi_autoupdate::machine::stack::STACK_TABLE;
-use support::{Agent, Behaviour, World, compose_file, count_transitions, project_containers, push_image, wait_until};
+use support::{Agent, Behaviour, World, compose_file, count_transitions, project_containers, push_image, run, wait_until};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(150);
 
@@ -136,6 +137,17 @@ fn check_leftovers(agent: &Agent, world: &World, outcome: Outcome) -> Result<(),
     let expected_containers = if outcome == Outcome::Reset { 0..=1 } else { 1..=1 };
     if !expected_containers.contains(&containers.len()) {
         return Err(format!("unexpected containers: {containers:?}"));
+    }
+    if outcome != Outcome::Reset {
+        let keep_tags = run("docker", &["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=autoupdate-keep/{}:*", world.project)]);
+        if keep_tags.lines().count() != 1 {
+            return Err(format!("expected one keep-tag for the known-good image, found {keep_tags:?}"));
+        }
+    }
+    let config = agent.config.to_str().unwrap().to_string();
+    let agents = run("pgrep", &["-c", "-f", &format!("autoupdate run --config {config}")]);
+    if agents.trim() != "1" {
+        return Err(format!("{} agent processes run instead of one", agents.trim()));
     }
     let state = agent.journal.parent().unwrap().join("state");
     let staging: PathBuf = state.join("staging");

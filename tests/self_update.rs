@@ -494,6 +494,8 @@ struct KillCase {
     expected: Outcome,
 }
 
+// TODO: each state has one kill case, at the point and in the agent that
+// reach it most directly; the other point of each state is not covered yet.
 fn kill_case_for(state: &'static str) -> KillCase {
     let case = |point, victim, failing_version, expected| KillCase { state, point, victim, failing_version, expected };
     match state {

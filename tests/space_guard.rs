@@ -542,3 +542,145 @@ fn cleanup_checks_pull_size_with_registry_credentials() {
     assert!(!agent.status().contains(&password), "the password is not in the status");
     assert!(project_containers(&agent.project).is_empty(), "nothing was started");
 }
+
+/// How a space-guard kill case drives the guard into its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpaceScenario {
+    /// Recordings run low, then space comes back: stop, hold and start the
+    /// recorder.
+    RecorderCycle,
+    /// The Docker filesystem runs low: reclaim the test's unused objects.
+    Reclaim,
+}
+
+/// The failpoints a space-guard state can reach, with the scenario that
+/// reaches them. A point the driver never passes in that state is left out,
+/// with the reason in `unreachable_points`.
+fn space_case_for(state: &str) -> (SpaceScenario, &'static [&'static str]) {
+    match state {
+        // Entered by persisting the recorder's release; Watching runs no
+        // command of its own.
+        "Watching" => (SpaceScenario::RecorderCycle, &["after-persist"]),
+        "StoppingRecorder" | "StartingRecorder" => (SpaceScenario::RecorderCycle, &["after-persist", "before-command"]),
+        // Holding runs no command: its restart path goes through
+        // StoppingRecorder, whose command the row above covers.
+        "Holding" => (SpaceScenario::RecorderCycle, &["after-persist"]),
+        "Reclaiming" => (SpaceScenario::Reclaim, &["after-persist", "before-command"]),
+        other => panic!("no power-cut case for space-guard state {other}; add one here"),
+    }
+}
+
+/// Runs one space-guard kill case and returns what went wrong, if anything.
+fn run_space_kill_case(state: &str, point: &str, scenario: SpaceScenario, index: usize) -> Result<(), String> {
+    let world = World::new(&format!("space-kill-{index:02}"));
+    let web = labelled_image(&world, "web", "v1", true);
+    let recorder = labelled_image(&world, "recorder", "v1", true);
+    let junk = labelled_image(&world, "junk", "v1", false);
+    let recordings = Tmpfs::mount(32);
+    let docker_root = Tmpfs::mount(32);
+    let extra = format!("{}[space.docker]\npath = \"{}\"\n", recordings_section(&recordings.path), docker_root.path.display());
+    let first = world.repo.commit("web and recorder", &[("compose.yaml", &compose_file(&[("web", &web), ("recorder", &recorder)]))]);
+    let failpoint = format!("space-guard:{state}:{point}");
+    let mut agent = world.agent_with_sections("", &space_section(&world, &extra));
+    agent.start();
+    wait_until("the first commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
+
+    // A case killed when the recorder starts again begins with it held.
+    let from_hold = matches!(state, "StartingRecorder" | "Watching");
+    if from_hold {
+        set_free_percent(&recordings.path, 10.0);
+        wait_until("the guard to hold the recorder", STEP_TIMEOUT, Some(&agent), || agent.status().contains("recorder held stopped"));
+    }
+    // The failpoint is armed only now, because the guard also passes through
+    // Watching while the agent starts.
+    if !agent.stop().success() {
+        return Err("the agent did not stop cleanly before the case".into());
+    }
+    agent.set_env("AUTOUPDATE_FAILPOINT", Some(&failpoint));
+    agent.start();
+    match scenario {
+        SpaceScenario::RecorderCycle if from_hold => set_free_percent(&recordings.path, 50.0),
+        SpaceScenario::RecorderCycle => set_free_percent(&recordings.path, 10.0),
+        SpaceScenario::Reclaim => set_free_percent(&docker_root.path, 5.0),
+    }
+    let exit = agent.wait_exit(STEP_TIMEOUT);
+    if std::os::unix::process::ExitStatusExt::signal(&exit) != Some(libc::SIGKILL) {
+        return Err(format!("failpoint {failpoint} was not reached; the agent exited with {exit}\n{}", agent.log_tail()));
+    }
+
+    agent.set_env("AUTOUPDATE_FAILPOINT", None);
+    agent.start();
+    match scenario {
+        SpaceScenario::RecorderCycle => {
+            if !from_hold {
+                wait_until("the recorder to be held after the restart", STEP_TIMEOUT, Some(&agent), || {
+                    container_state(&agent, "recorder") == "exited" && agent.status().contains("recorder held stopped")
+                });
+                set_free_percent(&recordings.path, 50.0);
+            }
+        }
+        SpaceScenario::Reclaim => {
+            wait_until("the reclaim to finish after the restart", STEP_TIMEOUT, Some(&agent), || !image_exists(&junk));
+            set_free_percent(&docker_root.path, 90.0);
+        }
+    }
+    wait_until("the guard to watch with the recorder running", STEP_TIMEOUT, Some(&agent), || {
+        let status = agent.status();
+        container_state(&agent, "recorder") == "running" && status.contains("space-guard: Watching") && !status.contains("recorder held stopped")
+    });
+
+    let status = agent.status();
+    if status.contains("skipped while reading") {
+        return Err(format!("the journal has damaged records:\n{status}"));
+    }
+    let containers = project_containers(&agent.project);
+    let running = containers.iter().filter(|container| container.state == "running").count();
+    if containers.len() != 2 || running != 2 {
+        return Err(format!("expected web and recorder running, found {containers:?}"));
+    }
+    let stops = guard_transitions(&agent, "Watching", "Sampled", "StoppingRecorder");
+    if scenario == SpaceScenario::RecorderCycle && stops != 1 {
+        return Err(format!("{stops} stop decisions instead of 1"));
+    }
+    if !image_exists(&web) || !image_exists(&recorder) {
+        return Err("the reclaim removed an image the stack runs".into());
+    }
+    let config = agent.config.to_str().unwrap().to_string();
+    let agents = run("pgrep", &["-c", "-f", &format!("autoupdate run --config {config}")]).trim().parse::<u32>().unwrap_or(0);
+    if agents != 1 {
+        return Err(format!("{agents} agent processes run"));
+    }
+    Ok(())
+}
+
+/// Kills the agent at every state of the space guard, after the record is
+/// persisted and before the command runs, and checks that the restarted
+/// agent ends with the recorder running, the guard watching, a valid journal
+/// and no extra container. Named `cleanup_` because its reclaim case removes
+/// the test's own unused image, so it runs in the `docker-serial` group.
+#[test]
+fn cleanup_kill_at_every_state_recovers() {
+    use eventpi_autoupdate::machine::space::SPACE_TABLE;
+
+    let mut cases = Vec::new();
+    for state in SPACE_TABLE.states {
+        let (scenario, points) = space_case_for(state.name);
+        for point in points {
+            cases.push((state.name, *point, scenario));
+        }
+    }
+
+    let mut table = String::from("machine      state             point           outcome\n");
+    let mut failures = Vec::new();
+    for (index, (state, point, scenario)) in cases.iter().enumerate() {
+        let result = std::panic::catch_unwind(|| run_space_kill_case(state, point, *scenario, index))
+            .unwrap_or_else(|panic| Err(panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "the case panicked".into())));
+        let outcome = if result.is_ok() { "Recovered" } else { "FAILED" };
+        table.push_str(&format!("space-guard  {state:<17} {point:<15} {outcome}\n"));
+        if let Err(error) = result {
+            failures.push(format!("{state} {point}: {error}"));
+        }
+    }
+    println!("{table}");
+    assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
+}
