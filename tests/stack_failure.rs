@@ -282,3 +282,65 @@ fn damaged_clone_is_repaired() {
         assert_eq!(head.trim(), next, "{kind}: the repaired clone is at the new commit");
     }
 }
+
+/// Returns the id and name of every container of `project`.
+fn container_names(project: &str) -> Vec<(String, String)> {
+    let listed = run("docker", &["ps", "-a", "--filter", &format!("label=com.docker.compose.project={project}"), "--format", "{{.ID}} {{.Names}}"]);
+    listed.lines().filter_map(|line| line.split_once(' ')).map(|(id, name)| (id.to_string(), name.to_string())).collect()
+}
+
+/// Creates the replacement that Compose v2 makes while it recreates the
+/// container `id`: the same labels and image, under the temporary name
+/// `<12 digits of id>_<name>`, never started.
+fn create_replacement(id: &str) -> String {
+    let inspected: serde_json::Value = serde_json::from_str(&run("docker", &["inspect", id])).unwrap();
+    let container = &inspected[0];
+    let name = container["Name"].as_str().unwrap().trim_start_matches('/');
+    let temporary = format!("{}_{name}", &container["Id"].as_str().unwrap()[..12]);
+    let mut arguments = vec!["create".to_string(), "--name".to_string(), temporary.clone()];
+    for (key, value) in container["Config"]["Labels"].as_object().unwrap() {
+        arguments.push("--label".to_string());
+        arguments.push(format!("{key}={}", value.as_str().unwrap()));
+    }
+    arguments.push(container["Config"]["Image"].as_str().unwrap().to_string());
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    run("docker", &arguments);
+    temporary
+}
+
+#[test]
+fn interrupted_recreate_is_repaired() {
+    let world = World::new("failure-0008");
+    let web_v1 = push_image(&world.registry, "web", "v1", Behaviour::Serve);
+    let web_v2 = push_image(&world.registry, "web", "v2", Behaviour::Serve);
+    let first = world.repo.commit("web v1", &[("compose.yaml", &compose_file(&[("web", &web_v1)]))]);
+    let mut agent = world.agent("");
+    agent.start();
+    wait_until("the first commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
+
+    // Compose stopped after creating the replacement: the old container and
+    // the replacement both exist.
+    let (old_id, old_name) = container_names(&world.project).pop().expect("the web container");
+    let replacement = create_replacement(&old_id);
+    let second = world.repo.commit("web v2", &[("compose.yaml", &compose_file(&[("web", &web_v2)]))]);
+    wait_until("the second commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&second));
+    let names = container_names(&world.project);
+    assert_eq!(names.len(), 1, "one container is left: {names:?}");
+    assert_eq!(names[0].1, old_name, "it has the service's own name");
+    assert!(!names.iter().any(|(_, name)| *name == replacement), "the replacement is gone: {names:?}");
+    assert!(web_image(&agent).ends_with(&world.registry.manifest_digest("web", "v2")), "web runs v2");
+
+    // Compose stopped after removing the old container: only the
+    // replacement is left, under its temporary name.
+    let (current_id, current_name) = container_names(&world.project).pop().unwrap();
+    run("docker", &["stop", "--time", "1", &current_id]);
+    let temporary = format!("{}_{current_name}", &current_id[..12]);
+    run("docker", &["rename", &current_id, &temporary]);
+    let third = world.repo.commit("web v1 again", &[("compose.yaml", &compose_file(&[("web", &web_v1)]))]);
+    wait_until("the third commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&third));
+    let names = container_names(&world.project);
+    assert_eq!(names.len(), 1, "one container is left: {names:?}");
+    assert_eq!(names[0].1, current_name, "it has the service's own name");
+    assert!(web_image(&agent).ends_with(&world.registry.manifest_digest("web", "v1")), "web runs v1");
+    assert_eq!(count_transitions(&agent, "Probation", "GateFailed", "Reverting"), 0, "no update was rolled back");
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::query_parameters::{
     CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveImageOptionsBuilder, TagImageOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, RenameContainerOptionsBuilder, TagImageOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -302,6 +302,31 @@ impl Engine {
         Ok(containers)
     }
 
+    /// Repairs what an interrupted `docker compose up` leaves when it was
+    /// recreating a container. Compose v2 creates the replacement under the
+    /// temporary name `<first 12 hex digits of the old id>_<name>`, removes
+    /// the old container, then renames the replacement. When Compose stopped
+    /// after the removal, the replacement gets the final name. When the old
+    /// container is still there, the replacement never ran, so it is
+    /// removed. Volumes are never removed. Returns one line per repair.
+    pub async fn repair_interrupted_recreate(&self, project: &str) -> Result<Vec<String>, EngineError> {
+        let containers = self.project_containers(project).await?;
+        let mut repairs = Vec::new();
+        for container in &containers {
+            let Some(name) = interrupted_recreate_name(&container.name) else { continue };
+            if containers.iter().any(|other| other.name == name) {
+                let options = RemoveContainerOptionsBuilder::default().v(false).force(true).build();
+                self.docker.remove_container(&container.id, Some(options)).await.map_err(|source| EngineError::Api { call: "remove container", source })?;
+                repairs.push(format!("removed {}, a replacement for {name} that an interrupted compose up created", container.name));
+            } else {
+                let options = RenameContainerOptionsBuilder::default().name(name).build();
+                self.docker.rename_container(&container.id, options).await.map_err(|source| EngineError::Api { call: "rename container", source })?;
+                repairs.push(format!("renamed {} back to {name}; an interrupted compose up removed the container it replaced", container.name));
+            }
+        }
+        Ok(repairs)
+    }
+
     /// Returns the names of the running containers that carry the label key
     /// `label`, whatever its value.
     pub async fn running_with_label(&self, label: &str) -> Result<Vec<String>, EngineError> {
@@ -356,9 +381,27 @@ fn classify_pull_error(image: &str, error: bollard::errors::Error) -> EngineErro
     EngineError::PullFailed { image: image.to_string(), detail }
 }
 
+/// Returns the final name of a container that Compose v2 created under its
+/// temporary name `<12 lowercase hex digits>_<name>` during a recreate.
+fn interrupted_recreate_name(name: &str) -> Option<&str> {
+    let (prefix, rest) = name.split_once('_')?;
+    let is_short_id = prefix.len() == 12 && prefix.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte));
+    (is_short_id && !rest.is_empty()).then_some(rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recreate_name_needs_short_id_prefix() {
+        assert_eq!(interrupted_recreate_name("0123456789ab_eventpi-web-1"), Some("eventpi-web-1"));
+        assert_eq!(interrupted_recreate_name("eventpi-web-1"), None);
+        assert_eq!(interrupted_recreate_name("0123456789AB_web"), None, "Docker ids are lowercase");
+        assert_eq!(interrupted_recreate_name("0123456789a_web"), None, "11 digits");
+        assert_eq!(interrupted_recreate_name("0123456789ab_"), None);
+        assert_eq!(interrupted_recreate_name("my_service"), None);
+    }
 
     fn server_error(status_code: u16, message: &str) -> bollard::errors::Error {
         bollard::errors::Error::DockerResponseServerError { status_code, message: message.to_string() }

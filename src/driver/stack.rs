@@ -578,6 +578,14 @@ impl StackDriver {
         if !held.is_empty() {
             tracing::info!(machine = "stack", held = ?held, "leaving out services the space guard holds stopped");
         }
+        match self.engine.repair_interrupted_recreate(&self.compose.project).await {
+            Ok(repairs) => {
+                for repair in repairs {
+                    tracing::warn!(machine = "stack", project = %self.compose.project, "{repair}");
+                }
+            }
+            Err(error) => tracing::warn!(machine = "stack", project = %self.compose.project, %error, "cannot check for containers an interrupted compose up left; compose up may fail on a name conflict"),
+        }
         match self.compose.up(&self.git.checkout, &override_file, &services).await {
             Ok(()) => StackEvents::Applied,
             Err(error) => StackEvents::ApplyFailed(Failure::local(format!("docker compose up of commit {short} failed: {error}"))),
