@@ -7,9 +7,11 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 .PHONY: setup build example example-clean test bench diagrams lint clean-test-resources fuzz soak
 
 # Installs Compose v2, the registry, sshd, graphviz, busybox-static and the
-# cross linkers (Debian 12). Safe to run again.
+# cross linkers (Debian 12), and cargo-nextest when it is missing. Safe to
+# run again.
 setup:
 	$(SUDO) scripts/setup-host.sh
+	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install --locked cargo-nextest
 
 build:
 	$(CARGO) build

@@ -24,6 +24,7 @@ clean() {
   docker volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker volume rm >/dev/null
   docker images --format '{{.Repository}}:{{.Tag}}' --filter "reference=$registry/example/*" | xargs -r docker rmi -f >/dev/null
   docker images --format '{{.Repository}}:{{.Tag}}' --filter "reference=autoupdate-keep/$project:*" | xargs -r docker rmi >/dev/null
+  docker images --format '{{.Repository}}:{{.Tag}}' --filter "reference=eventpi-example/busybox:*" | xargs -r docker rmi >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 

@@ -788,7 +788,7 @@ impl Parts {
                 Some(git),
                 Some(registries),
                 Some(space),
-            ) if problems.is_empty() => {
+            ) => {
                 let mut parts = Parts {
                     agent,
                     journal,
@@ -805,8 +805,16 @@ impl Parts {
                     space,
                     warnings: Vec::new(),
                 };
-                problems.extend(parts.migrate(text));
-                problems.extend(parts.check(text));
+                // A key already reported has its default here; a second
+                // problem for it would only repeat the first.
+                let reported: Vec<String> = problems.iter().map(|problem| problem.key.clone()).collect();
+                if parts.panel.backend == PanelBackend::Gpio && !cfg!(feature = "gpio") {
+                    let key = "panel.backend";
+                    let message = "is \"gpio\", but this build has no GPIO support; the LED is simulated in the log. Use a build with the cargo feature gpio".to_string();
+                    parts.warnings.push(Problem { key: key.into(), line: line_of_key(text, key), message });
+                }
+                let later = parts.migrate(text).into_iter().chain(parts.check(text));
+                problems.extend(later.filter(|problem| !reported.contains(&problem.key)));
                 if problems.is_empty() { Ok(parts) } else { Err(problems) }
             }
             _ => Err(problems),
@@ -1104,37 +1112,77 @@ impl Sections<'_> {
         if failed { None } else { Some(entries) }
     }
 
+    /// Parses a section that may be missing. A key with a wrong value is
+    /// reported, left out, and the section parsed again, so one run reports
+    /// every such key. The section is returned with the left-out keys at
+    /// their defaults, so later checks can still look at the rest of it.
+    /// Its problems still keep the configuration from being accepted.
     fn optional<T: DeserializeOwned>(&mut self, table: &mut toml::Table, name: &str) -> Option<T> {
-        let value = table.remove(name).unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+        let mut value = table.remove(name).unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
         if !value.is_table() {
             self.problem(name, format!("must be a table: write it as [{name}]"));
             return None;
         }
 
-        let mut unknown = Vec::new();
-        // serde_ignored writes `?` for the `Some` of an optional table; the key has no such part.
-        let mut collect = |path: serde_ignored::Path<'_>| unknown.push(path.to_string().replace(".?.", "."));
-        let ignoring = serde_ignored::Deserializer::new(value, &mut collect);
-        let result = serde_path_to_error::deserialize::<_, T>(ignoring);
-        for key in unknown {
-            self.problem(&format!("{name}.{key}"), "unknown key");
-        }
-        match result {
-            Ok(section) => Some(section),
-            Err(error) => {
-                let path = error.path().to_string();
-                let key = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
-                let message = error.into_inner().to_string();
-                // toml ends the message with "\nin `key`", which the problem names already.
-                let message = message.split("\nin `").next().unwrap_or_default().to_string();
-                let message = match message.strip_prefix("unknown field ") {
-                    Some(rest) => format!("unknown key {rest}"),
-                    None => message,
-                };
-                self.problem(&key, message);
-                None
+        // Each pass leaves out one key, so the passes end. A pass stops at
+        // its first wrong value, so each pass looks for unknown keys again.
+        let mut unknown_reported: Vec<String> = Vec::new();
+        loop {
+            let mut unknown = Vec::new();
+            // serde_ignored writes `?` for the `Some` of an optional table; the key has no such part.
+            let mut collect = |path: serde_ignored::Path<'_>| unknown.push(path.to_string().replace(".?.", "."));
+            let ignoring = serde_ignored::Deserializer::new(value.clone(), &mut collect);
+            let result = serde_path_to_error::deserialize::<_, T>(ignoring);
+            for key in unknown {
+                if !unknown_reported.contains(&key) {
+                    self.problem(&format!("{name}.{key}"), "unknown key");
+                    unknown_reported.push(key);
+                }
+            }
+
+            let error = match result {
+                Ok(section) => return Some(section),
+                Err(error) => error,
+            };
+            let path = error.path().to_string();
+            let key = if path == "." || path.is_empty() { name.to_string() } else { format!("{name}.{path}") };
+            let message = error.into_inner().to_string();
+            // toml ends the message with "\nin `key`", which the problem names already.
+            let message = message.split("\nin `").next().unwrap_or_default().to_string();
+            let message = match message.strip_prefix("unknown field ") {
+                Some(rest) => format!("unknown key {rest}"),
+                None => message,
+            };
+            self.problem(&key, message);
+            if key == name || !remove_dotted(&mut value, &path) {
+                return None;
             }
         }
+    }
+}
+
+/// Removes the key at the dotted `path` (as serde_path_to_error writes it)
+/// from a table. Returns false when there is no such key.
+fn remove_dotted(value: &mut toml::Value, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('.').filter(|part| *part != "?").collect();
+    let Some((last, parents)) = parts.split_last() else { return false };
+    let mut current = value;
+    for part in parents {
+        current = match current {
+            toml::Value::Table(table) => match table.get_mut(*part) {
+                Some(next) => next,
+                None => return false,
+            },
+            toml::Value::Array(items) => match part.parse::<usize>().ok().and_then(|index| items.get_mut(index)) {
+                Some(next) => next,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match current {
+        toml::Value::Table(table) => table.remove(*last).is_some(),
+        _ => false,
     }
 }
 
@@ -1296,6 +1344,27 @@ checkout = "/srv/eventpi/stack"
         assert_eq!(keys, vec!["stack.branch", "stack.checkout", "stack.project"]);
     }
 
+    #[test]
+    fn type_and_semantic_problems_in_one_run() {
+        let text = MINIMAL
+            .replace("device-0001", "bad..branch")
+            .replace("[stack]", "[stack]\npoll_interval = 2\nprobation = \"soon\"\nmax_resumes = \"three\"\nprobaton = \"1m\"")
+            .replace("[journal]", "[journal]\nsize_kib = \"big\"");
+
+        let problems = Config::parse(&text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
+
+        assert!(keys.contains(&"journal.size_kib"), "{problems:?}");
+        assert!(keys.contains(&"stack.poll_interval"), "{problems:?}");
+        assert!(keys.contains(&"stack.probation"), "{problems:?}");
+        assert!(keys.contains(&"stack.max_resumes"), "{problems:?}");
+        assert!(keys.contains(&"stack.probaton"), "{problems:?}");
+        assert!(keys.contains(&"stack.branch"), "the semantic check runs too: {problems:?}");
+        assert_eq!(keys.len(), 6, "each key once: {problems:?}");
+        let interval = problems.iter().find(|problem| problem.key == "stack.poll_interval").unwrap();
+        assert_eq!(interval.line, Some(7), "{interval:?}");
+    }
+
     const HOST: &str = r#"
 [journal]
 directory = "/var/lib/eventpi/journal"
@@ -1437,7 +1506,18 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         let problems = Config::parse(&text).unwrap_err();
         let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
 
-        assert_eq!(found, vec![("space.docker.size", Some(16))]);
+        assert_eq!(
+            found,
+            vec![
+                ("space.docker.size", Some(16)),
+                ("space.pull_size_factor", Some(11)),
+                ("space.docker.path", Some(13)),
+                ("space.docker.resume_above_percent", Some(15)),
+                ("space.recorder", Some(17)),
+                ("space.recorder", Some(17)),
+            ],
+            "the unknown key and the values that cannot work, in one run"
+        );
         let fixed = text.replace("size = 3\n", "");
         let problems = Config::parse(&fixed).unwrap_err();
         let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
@@ -1470,7 +1550,7 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         let problems = Config::parse(&text).unwrap_err();
         let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
 
-        assert_eq!(found, vec![("self_update.surprise", Some(13))]);
+        assert_eq!(found, vec![("self_update.surprise", Some(13)), ("self_update.confirm_timeout", Some(12))]);
     }
 
     #[test]

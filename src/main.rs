@@ -123,7 +123,8 @@ enum Command {
     /// with its image digests, and the last error.
     ///
     /// Asks the running agent through its control socket; when it does not
-    /// answer, reads the journal instead.
+    /// answer, reads the journal instead. With --journal alone, reads the
+    /// journal without asking the agent.
     Status {
         #[command(flatten)]
         target: Target,
@@ -204,10 +205,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_text(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Joins an error and its causes with ": ", leaving out a cause whose text
+/// the message before it already contains. Most of the agent's errors quote
+/// their source in their own message.
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -345,7 +364,10 @@ fn status(target: &Target, journal: Option<PathBuf>, json: bool) -> anyhow::Resu
     } else {
         match block_on(client::call(&endpoint, hyper::Method::GET, "/status", None)) {
             Ok(text) => Some(serde_json::from_str::<AgentStatus>(&text).context("the agent's status is not valid JSON")?),
-            Err(error @ (ClientError::Unreachable { .. } | ClientError::TimedOut { .. })) if journal.is_some() => {
+            Err(error @ (ClientError::Unreachable { .. } | ClientError::TimedOut { .. })) => {
+                if journal.is_none() {
+                    anyhow::bail!("{error}; pass --journal DIR to read its journal, or --config FILE to use its control.socket and journal.directory");
+                }
                 eprintln!("note: {error}; reading the journal instead");
                 None
             }

@@ -382,7 +382,7 @@ pub fn disk(role: &str, path: &Path) -> Option<DiskView> {
 /// Renders the status as a few short lines.
 pub fn render(status: &AgentStatus) -> String {
     let mut text = String::new();
-    let source = if status.live { "running" } else { "not running; read from its journal" };
+    let source = if status.live { "running" } else { "read from its journal" };
     let _ = writeln!(text, "device {} (agent {}, {source})", status.device, status.version);
     if let Some(led) = &status.led {
         let _ = writeln!(text, "LED: {led}");

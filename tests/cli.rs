@@ -130,3 +130,17 @@ fn diagram_of_unknown_machine_lists_machines() {
     assert!(!output.status.success());
     assert!(stderr.contains("stack"), "{stderr}");
 }
+
+#[test]
+fn status_without_agent_names_options() {
+    let directory = tempfile::tempdir().unwrap();
+    let socket = directory.path().join("absent.sock");
+
+    let output = autoupdate(&["status", "--socket", socket.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains("absent.sock"), "the error names the socket: {stderr}");
+    assert!(stderr.contains("pass --journal DIR"), "the error says what to pass: {stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "the cause appears once: {stderr}");
+}

@@ -33,8 +33,8 @@ impl std::fmt::Display for Endpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens there: the agent is not running.
-    #[error("cannot reach the agent at {endpoint}: {source}")]
-    Unreachable { endpoint: String, source: std::io::Error },
+    #[error("cannot reach the agent at {endpoint}: {reason}")]
+    Unreachable { endpoint: String, reason: std::io::Error },
     #[error("the agent at {endpoint} did not answer in time")]
     TimedOut { endpoint: String },
     #[error("request to the agent at {endpoint} failed: {detail}")]
@@ -59,11 +59,11 @@ pub async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Option<
 
         let response = match endpoint {
             Endpoint::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|source| ClientError::Unreachable { endpoint: name.clone(), source })?;
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(|source| ClientError::Unreachable { endpoint: name.clone(), reason: source })?;
                 exchange_on(TokioIo::new(stream), request).await
             }
             Endpoint::Tcp(port) => {
-                let stream = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.map_err(|source| ClientError::Unreachable { endpoint: name.clone(), source })?;
+                let stream = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.map_err(|source| ClientError::Unreachable { endpoint: name.clone(), reason: source })?;
                 exchange_on(TokioIo::new(stream), request).await
             }
         };
