@@ -119,7 +119,8 @@ pub fn to_svg() -> String {
     let mut svg = String::new();
 
     // Writing into a String cannot fail, so the fmt::Result values are dropped.
-    let _ = writeln!(svg, "<!-- Generated from the blink pattern table; regenerate with: UPDATE_PATTERNS=1 cargo test --test panel -->");
+    // XML forbids "--" inside a comment, so the command is not quoted here.
+    let _ = writeln!(svg, "<!-- Generated from the blink pattern table by the pattern_picture_matches_table test of tests/panel.rs, run with UPDATE_PATTERNS=1 -->");
     let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica, Arial, sans-serif" font-size="14">"#);
     let _ = writeln!(svg, r#"  <rect width="{width}" height="{height}" fill="white"/>"#);
     let _ = writeln!(svg, r#"  <text x="10" y="20" font-weight="bold">Status LED: the first condition that holds, from the top, sets the pattern</text>"#);
