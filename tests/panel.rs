@@ -95,6 +95,10 @@ fn pattern_picture_matches_table() {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
 
     assert!(committed == expected, "{} is out of date; regenerate with UPDATE_PATTERNS=1 cargo test --test panel pattern_picture", path.display());
+    for comment in expected.split("<!--").skip(1) {
+        let text = comment.split("-->").next().unwrap_or_default();
+        assert!(!text.contains("--"), "XML forbids two hyphens inside a comment, so viewers reject the picture: {text}");
+    }
 }
 
 #[test]
@@ -289,4 +293,92 @@ fn long_press_during_update_waits_for_it() {
     let running = shown.iter().position(|led| led == Condition::ResetRunning.name()).expect("the LED showed the running reset");
     assert!(armed < running, "{shown:?}");
     assert_factory_stack_runs(&world.project);
+}
+
+/// Runs one factory reset with the agent killed at `point` of `state`, then
+/// starts the agent again. Returns what went wrong, if anything.
+fn run_reset_kill_case(state: &str, point: &str) -> Result<(), String> {
+    let world = World::new(&format!("reset-kill-{}-{}", state.to_lowercase(), &point[..5]));
+    let _tags = FactoryTags(world.project.clone());
+    let scratch = tempfile::tempdir().unwrap();
+    let script = scratch.path().join("factory-script.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (mut agent, _first, _factory) = agent_with_factory(&world, &format!("factory_reset_command = [\"{}\"]", script.display()));
+    if !agent.stop().success() {
+        return Err("the agent did not stop cleanly before the case".into());
+    }
+    let failpoint = format!("factory-reset:{state}:{point}");
+    agent.set_env("AUTOUPDATE_FAILPOINT", Some(&failpoint));
+    agent.start();
+    // A kill at a state the agent passes while it starts ends it before
+    // the control socket is up.
+    let socket = agent.socket();
+    let started = std::time::Instant::now();
+    while agent.is_running() && !socket.exists() && started.elapsed() < STEP_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let killed_at_start = !agent.is_running();
+    if killed_at_start {
+        agent.wait_exit(Duration::from_secs(5));
+        agent.set_env("AUTOUPDATE_FAILPOINT", None);
+        agent.start();
+        wait_until("the control socket", STEP_TIMEOUT, Some(&agent), || agent.socket().exists());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    press(&agent, "long");
+    if !killed_at_start {
+        let status = agent.wait_exit(STEP_TIMEOUT);
+        if status.signal() != Some(libc::SIGKILL) {
+            return Err(format!("the failpoint {failpoint} did not kill the agent: {status}"));
+        }
+        agent.set_env("AUTOUPDATE_FAILPOINT", None);
+        agent.start();
+    }
+
+    let completed = || count_factory(&agent, "StartingFactory", "FactoryUp", "Idle");
+    wait_until("the reset to finish", STEP_TIMEOUT, Some(&agent), || completed() >= 1);
+    std::thread::sleep(Duration::from_secs(3));
+    let requests = count_factory(&agent, "Idle", "Requested", "Armed");
+    if requests != 1 || completed() != 1 {
+        return Err(format!("{requests} requests and {} completed resets, expected one of each", completed()));
+    }
+    let containers = project_containers(&world.project);
+    let factory_image = format!("autoupdate-factory/{}:web", world.project);
+    if containers.len() != 1 || containers[0].state != "running" || containers[0].image != factory_image {
+        return Err(format!("the factory stack is not the one running container: {containers:?}"));
+    }
+    let listing = cli(&["replay", "--journal", agent.journal.to_str().unwrap()]);
+    if listing.contains("damaged") || listing.contains("skipped") {
+        return Err(format!("the journal has damaged or skipped records: {listing}"));
+    }
+    agent.stop();
+    Ok(())
+}
+
+#[test]
+fn reset_killed_in_every_state_recovers() {
+    let table = &eventpi_autoupdate::machine::factory::FACTORY_RESET_TABLE;
+    let mut cases = Vec::new();
+    for state in table.states {
+        for point in ["after-persist", "before-command"] {
+            // Idle waits for a request and runs no command of its own.
+            if state.name == "Idle" && point == "before-command" {
+                continue;
+            }
+            cases.push((state.name, point));
+        }
+    }
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for (state, point) in &cases {
+        let outcome = run_reset_kill_case(state, point);
+        rows.push(format!("factory-reset  {state:<16} {point:<15} {}", if outcome.is_ok() { "one completed reset" } else { "FAILED" }));
+        if let Err(problem) = outcome {
+            failures.push(format!("{state} {point}: {problem}"));
+        }
+    }
+    println!("machine        state            point           outcome\n{}", rows.join("\n"));
+    assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -494,17 +494,27 @@ struct KillCase {
     expected: Outcome,
 }
 
-// TODO: each state has one kill case, at the point and in the agent that
-// reach it most directly; the other point of each state is not covered yet.
-fn kill_case_for(state: &'static str) -> KillCase {
+/// Returns the kill cases of a state, one at each failpoint the state
+/// reaches, each in the agent that reaches it during an update.
+fn kill_cases_for(state: &'static str) -> Vec<KillCase> {
     let case = |point, victim, failing_version, expected| KillCase { state, point, victim, failing_version, expected };
+    let both = |victim, failing_version, expected| vec![case("after-persist", victim, failing_version, expected), case("before-command", victim, failing_version, expected)];
     match state {
-        "Idle" => case("after-persist", Victim::New, false, Outcome::Updated),
-        "Checking" | "Pulling" => case("before-command", Victim::Old, false, Outcome::Updated),
-        "Creating" | "Starting" | "HandingOver" => case("before-command", Victim::Old, false, Outcome::OldAgentKeptControl),
-        "Probation" => case("before-command", Victim::New, false, Outcome::OldAgentKeptControl),
-        "Retiring" => case("after-persist", Victim::New, false, Outcome::Updated),
-        "Aborting" => case("after-persist", Victim::Old, true, Outcome::OldAgentKeptControl),
+        // Idle waits for the next check and runs no command of its own.
+        "Idle" => vec![case("after-persist", Victim::New, false, Outcome::Updated)],
+        // A check that finds nothing writes nothing, so the step into
+        // Checking is written together with the step that leaves it, and
+        // Checking is never the state at rest after a write.
+        "Checking" => vec![case("before-command", Victim::Old, false, Outcome::Updated)],
+        "Pulling" => both(Victim::Old, false, Outcome::Updated),
+        "Creating" | "Starting" | "HandingOver" => both(Victim::Old, false, Outcome::OldAgentKeptControl),
+        // The new agent records Probation in the append that takes the
+        // lease, before it answers the handover request. Killed there or
+        // before its probation command, it is restarted by the engine during
+        // its probation, and the old agent takes the lease back.
+        "Probation" => both(Victim::New, false, Outcome::OldAgentKeptControl),
+        "Retiring" => both(Victim::New, false, Outcome::Updated),
+        "Aborting" => both(Victim::Old, true, Outcome::OldAgentKeptControl),
         other => panic!("no kill case for self-update state {other}; add one here"),
     }
 }
@@ -572,20 +582,28 @@ fn run_kill_case(case: &KillCase) -> Result<(), String> {
 
 #[test]
 fn agent_killed_in_every_state_recovers() {
-    let cases: Vec<KillCase> = SELF_UPDATE_TABLE.states.iter().map(|state| kill_case_for(state.name)).collect();
+    let cases: Vec<KillCase> = SELF_UPDATE_TABLE.states.iter().flat_map(|state| kill_cases_for(state.name)).collect();
     let failures = std::sync::Mutex::new(Vec::new());
+    let rows = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for chunk in cases.chunks(cases.len().div_ceil(3)) {
             let failures = &failures;
+            let rows = &rows;
             scope.spawn(move || {
                 for case in chunk {
-                    if let Err(problem) = run_kill_case(case) {
+                    let result = run_kill_case(case);
+                    let outcome = if result.is_ok() { format!("{:?}", case.expected) } else { "FAILED".to_string() };
+                    rows.lock().unwrap().push(format!("self-update  {:<12} {:<15} {:<4} {outcome}", case.state, case.point, format!("{:?}", case.victim)));
+                    if let Err(problem) = result {
                         failures.lock().unwrap().push(format!("{} ({:?} agent, {}): {problem}", case.state, case.victim, case.point));
                     }
                 }
             });
         }
     });
+    let mut rows = rows.into_inner().unwrap();
+    rows.sort();
+    println!("machine      state        point           kill outcome\n{}", rows.join("\n"));
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{failures:#?}");
 }

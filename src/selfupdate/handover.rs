@@ -315,6 +315,10 @@ fn accept(runtime: &Runtime, candidate: &Candidate, request: &HandoverRequest) -
         records.extend(step_records(meta, request.offered_epoch, &step, machine.memory()));
         Ok((records, ()))
     });
+    if result.is_ok() {
+        // The step into Probation is persisted here, not by the driver.
+        failpoint::hit("self-update", SelfUpdateState::Probation.name(), Point::AfterPersist);
+    }
     match result {
         Ok(()) => Ok(HandoverResponse { epoch: request.offered_epoch, holder }),
         Err(JournalError::Refused(reason)) => Err(reason),
