@@ -251,7 +251,7 @@ async fn run_self_update(section: &SelfUpdateConfig, engine: Engine, runtime: Ar
         }
     };
     tracing::info!(machine = "self-update", container = %own.container.short_id(), name = %own.container.name, image = %own.followed, "found this agent's own container");
-    let driver = SelfUpdateDriver::new(runtime, engine, section.clone(), own, stack_configured).with_pull_check(pull_check);
+    let driver = SelfUpdateDriver::new(runtime, engine, section.clone(), own, stack_configured).with_pull_check(pull_check.for_machine("self-update"));
     match driver.run().await? {
         DriverExit::HandedOver { .. } => Ok(()),
     }

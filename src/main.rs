@@ -122,8 +122,8 @@ enum Command {
     /// Prints the current state of every machine, the last known-good commit
     /// with its image digests, and the last error.
     ///
-    /// Asks the running agent through its control socket; when it does not
-    /// answer, reads the journal instead. With --journal alone, reads the
+    /// Asks the running agent through its control socket. When the agent does
+    /// not respond, reads the journal instead. With --journal alone, reads the
     /// journal without asking the agent.
     Status {
         #[command(flatten)]

@@ -35,10 +35,10 @@ pub struct SelfUpdateConfig {
     pub check_jitter_percent: u8,
     #[serde(deserialize_with = "duration")]
     pub pull_timeout: Duration,
-    /// How long the new container may take to answer on the handover API.
+    /// How long the new container may take to respond on the handover API.
     #[serde(deserialize_with = "duration")]
     pub start_timeout: Duration,
-    /// How long the new container may take to answer the handover request.
+    /// How long the new container may take to respond to the handover request.
     #[serde(deserialize_with = "duration")]
     pub handover_timeout: Duration,
     /// How long the new agent runs and checks itself before it confirms.

@@ -119,7 +119,8 @@ pub fn to_svg() -> String {
     let mut svg = String::new();
 
     // Writing into a String cannot fail, so the fmt::Result values are dropped.
-    // XML forbids "--" inside a comment, so the command is not quoted here.
+    // XML forbids "--" inside a comment, so the command with `--test` is not
+    // quoted here; tests/panel.rs checks the comment.
     let _ = writeln!(svg, "<!-- Generated from the blink pattern table by the pattern_picture_matches_table test of tests/panel.rs, run with UPDATE_PATTERNS=1 -->");
     let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica, Arial, sans-serif" font-size="14">"#);
     let _ = writeln!(svg, r#"  <rect width="{width}" height="{height}" fill="white"/>"#);

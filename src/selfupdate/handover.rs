@@ -265,7 +265,8 @@ fn handover_response(shared: &Shared, request: HandoverRequest, peer: SocketAddr
         Ok(response) => {
             *accepted = Some(response.epoch);
             tracing::info!(%peer, epoch = response.epoch, old_container = %request.old_container, "took the lease from the old agent");
-            // Sending fails only when the server stopped, and then no one waits.
+            // A watch channel's send fails only when every receiver is gone, and
+            // then nothing waits for the epoch.
             let _ = shared.done.send(Some(response.epoch));
             if failpoint::armed("self-update", "Candidate", Point::DropResponse) {
                 return Err(ResponseDropped);

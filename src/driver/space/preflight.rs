@@ -34,6 +34,8 @@ pub struct PullCheck {
     pub target: Option<PullTarget>,
     /// Free bytes needed per compressed byte.
     pub size_factor: f64,
+    /// Machine named in the check's log lines: `stack` or `self-update`.
+    pub machine: &'static str,
 }
 
 impl std::fmt::Debug for PullCheck {
@@ -55,6 +57,12 @@ pub struct PullEstimate {
 }
 
 impl PullCheck {
+    /// Returns this check with its log lines naming `machine`.
+    pub fn for_machine(mut self, machine: &'static str) -> PullCheck {
+        self.machine = machine;
+        self
+    }
+
     /// Estimates the space `images` need and checks that it is free,
     /// reclaiming once when it is not.
     pub async fn check(&self, images: &[String]) -> Result<PullEstimate, NoRoom> {
@@ -63,15 +71,15 @@ impl PullCheck {
 
         let stats = self.read(target)?;
         let Some(reason) = shortage(target, &stats, estimate) else {
-            tracing::debug!(machine = "stack", needed = %format_bytes(estimate.needed_bytes), free = %format_bytes(stats.free_bytes), "the images fit");
+            tracing::debug!(machine = self.machine, needed = %format_bytes(estimate.needed_bytes), free = %format_bytes(stats.free_bytes), "the images fit");
             return Ok(estimate);
         };
 
-        tracing::info!(machine = "stack", path = %target.path.display(), %reason, "the images do not fit; reclaiming space before the pull");
+        tracing::info!(machine = self.machine, path = %target.path.display(), %reason, "the images do not fit; reclaiming space before the pull");
         let freed = match self.reclaimer.run().await {
             Ok(steps) => steps.iter().map(|step| step.freed_bytes).sum(),
             Err(error) => {
-                tracing::warn!(machine = "stack", %error, "reclaiming before the pull failed");
+                tracing::warn!(machine = self.machine, %error, "reclaiming before the pull failed");
                 0
             }
         };
@@ -100,12 +108,12 @@ impl PullCheck {
                         Some(digest) => self.engine.has_image(&format!("{repository}@{digest}")).await,
                         None => false,
                     };
-                    tracing::debug!(machine = "stack", image, compressed = size.compressed_bytes, layers = size.layers, present, "image size from its manifest");
+                    tracing::debug!(machine = self.machine, image, compressed = size.compressed_bytes, layers = size.layers, present, "image size from its manifest");
                     if !present {
                         compressed += size.compressed_bytes;
                     }
                 }
-                Err(error) => tracing::warn!(machine = "stack", image, %error, "cannot read the image size from the registry; it is left out of the space check"),
+                Err(error) => tracing::warn!(machine = self.machine, image, %error, "cannot read the image size from the registry; it is left out of the space check"),
             }
         }
         // NOTE: layers that local images already hold are counted again, so

@@ -86,6 +86,7 @@ pub async fn build(config: &Config, engine: &Engine, runtime: Arc<Runtime>) -> (
         tracing::info!(machine = "space-guard", "neither [space.docker] nor [space.root] is configured, so pulls are not checked for space");
     }
     let check = PullCheck {
+        machine: "stack",
         engine: engine.clone(),
         reader: ManifestReader::new(engine.credentials().clone(), insecure_registries(engine).await),
         reclaimer: reclaimer.clone(),
