@@ -260,15 +260,7 @@ async fn run_self_update(section: &SelfUpdateConfig, engine: Engine, runtime: Ar
 async fn run_stack(config: &Config, stack: &StackConfig, engine: Engine, access: GitAccess, runtime: Arc<Runtime>, pull_check: PullCheck) -> Result<(), AgentError> {
     let compose_command = find_compose(config).await;
 
-    let git = GitMirror {
-        url: stack.repository.clone(),
-        branch: stack.branch.clone(),
-        checkout: stack.checkout.clone(),
-        timeout: stack.git_timeout,
-        known_good_bundle: config.state_directory().join("known-good.bundle"),
-        access,
-        memo: Default::default(),
-    };
+    let git = GitMirror::for_stack(config, stack, access);
     let compose = Compose {
         command: compose_command,
         project: stack.project.clone(),

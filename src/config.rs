@@ -1345,6 +1345,22 @@ checkout = "/srv/eventpi/stack"
     }
 
     #[test]
+    fn gpio_backend_warns_without_feature() {
+        let text = format!("{MINIMAL}\n[panel]\nbackend = \"gpio\"\n");
+
+        let config = Config::parse(&text).unwrap();
+        let warning = config.warnings.iter().find(|warning| warning.key == "panel.backend");
+
+        if cfg!(feature = "gpio") {
+            assert!(warning.is_none(), "{:?}", config.warnings);
+        } else {
+            let warning = warning.expect("a warning for panel.backend");
+            assert_eq!(warning.line, Some(11));
+            assert!(warning.message.contains("cargo feature gpio"), "{}", warning.message);
+        }
+    }
+
+    #[test]
     fn type_and_semantic_problems_in_one_run() {
         let text = MINIMAL
             .replace("device-0001", "bad..branch")

@@ -114,6 +114,20 @@ pub struct FetchMemo {
 }
 
 impl GitMirror {
+    /// Builds the mirror of the device branch that `stack` names, with the
+    /// known-good bundle in the agent's state directory.
+    pub fn for_stack(config: &crate::config::Config, stack: &crate::config::StackConfig, access: GitAccess) -> GitMirror {
+        GitMirror {
+            url: stack.repository.clone(),
+            branch: stack.branch.clone(),
+            checkout: stack.checkout.clone(),
+            timeout: stack.git_timeout,
+            known_good_bundle: config.state_directory().join("known-good.bundle"),
+            access,
+            memo: Default::default(),
+        }
+    }
+
     /// Builds a git command with no prompts, no user or system configuration
     /// and messages in English, so that errors can be classified.
     fn git(&self, directory: &Path) -> CommandSpec {

@@ -54,15 +54,7 @@ pub async fn capture(config: &Config) -> Result<Manifest, CaptureError> {
 
     let credentials = Credentials::load(config).map_err(|error| CaptureError::Access(error.to_string()))?;
     let access = GitAccess::prepare(&credentials.git, &stack.repository, &config.state_directory().join("ssh")).map_err(|error| CaptureError::Access(error.to_string()))?;
-    let git = GitMirror {
-        url: stack.repository.clone(),
-        branch: stack.branch.clone(),
-        checkout: stack.checkout.clone(),
-        timeout: stack.git_timeout,
-        known_good_bundle: config.state_directory().join("known-good.bundle"),
-        access,
-        memo: Default::default(),
-    };
+    let git = GitMirror::for_stack(config, stack, access);
     let engine = Engine::connect(config.docker.host.as_deref(), None).await.map_err(|error| CaptureError::Engine(error.to_string()))?;
 
     let directory = config.factory_directory();
