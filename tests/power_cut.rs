@@ -19,6 +19,10 @@ use support::{Agent, Behaviour, World, compose_file, count_transitions, project_
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(150);
 
+/// How long the keep-tags may take to match the known-good release after
+/// the journal shows the end state.
+const KEEP_TAG_SETTLE: Duration = Duration::from_secs(30);
+
 /// Cases running at once; each has its own registry, git server and project.
 const PARALLEL_CASES: usize = 3;
 
@@ -139,9 +143,18 @@ fn check_leftovers(agent: &Agent, world: &World, outcome: Outcome) -> Result<(),
         return Err(format!("unexpected containers: {containers:?}"));
     }
     if outcome != Outcome::Reset {
-        let keep_tags = run("docker", &["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=autoupdate-keep/{}:*", world.project)]);
+        // The journal can show the end state before the resumed step has
+        // released the previous release's keep-tag, so the count must settle
+        // within a bounded time rather than hold at the first look.
+        let list = || run("docker", &["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=autoupdate-keep/{}:*", world.project)]);
+        let deadline = std::time::Instant::now() + KEEP_TAG_SETTLE;
+        let mut keep_tags = list();
+        while keep_tags.lines().count() != 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            keep_tags = list();
+        }
         if keep_tags.lines().count() != 1 {
-            return Err(format!("expected one keep-tag for the known-good image, found {keep_tags:?}"));
+            return Err(format!("expected one keep-tag for the known-good image after {KEEP_TAG_SETTLE:?}, found {keep_tags:?}\n{}", agent.log_tail()));
         }
     }
     let config = agent.config.to_str().unwrap().to_string();
