@@ -143,15 +143,14 @@ fn check_leftovers(agent: &Agent, world: &World, outcome: Outcome) -> Result<(),
         return Err(format!("unexpected containers: {containers:?}"));
     }
     if outcome != Outcome::Reset {
-        // The journal can show the end state before the resumed step has
-        // released the previous release's keep-tag, so the count must settle
-        // within a bounded time rather than hold at the first look.
-        let list = || run("docker", &["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=autoupdate-keep/{}:*", world.project)]);
+        // The journal can show the end state before the resumed step removes
+        // the previous release's keep-tag, so the count may take a moment.
+        let list_keep_tags = || run("docker", &["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=autoupdate-keep/{}:*", world.project)]);
         let deadline = std::time::Instant::now() + KEEP_TAG_SETTLE;
-        let mut keep_tags = list();
+        let mut keep_tags = list_keep_tags();
         while keep_tags.lines().count() != 1 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
-            keep_tags = list();
+            keep_tags = list_keep_tags();
         }
         if keep_tags.lines().count() != 1 {
             return Err(format!("expected one keep-tag for the known-good image after {KEEP_TAG_SETTLE:?}, found {keep_tags:?}\n{}", agent.log_tail()));
