@@ -146,32 +146,10 @@ fn update_and_rollback_show_documented_patterns() {
     assert_eq!(spec(Condition::RolledBack).looks_like, "two blinks, pause");
 }
 
-/// Mounts a 32 MiB tmpfs on a fresh directory and unmounts it when dropped.
-struct Tmpfs {
-    _directory: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount() -> Tmpfs {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("fs");
-        std::fs::create_dir(&path).unwrap();
-        support::run("mount", &["-t", "tmpfs", "-o", "size=32m,mode=0755", "eventpi-test", path.to_str().unwrap()]);
-        Tmpfs { _directory: directory, path }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).output();
-    }
-}
-
 #[test]
 fn full_disk_outranks_healthy_and_clears() {
     let world = World::new("panel-space");
-    let recordings = Tmpfs::mount();
+    let recordings = support::Tmpfs::mount(32);
     let web = push_image(&world.registry, "web", "v1", Behaviour::Serve);
     let first = world.repo.commit("web v1", &[("compose.yaml", &compose_file(&[("web", &web)]))]);
     let space = format!("[space]\ninterval = \"500ms\"\n\n[space.recordings]\npath = \"{}\"\n", recordings.path.display());

@@ -17,7 +17,7 @@ use std::time::Duration;
 use eventpi_autoupdate::machine::selfupdate::SELF_UPDATE_TABLE;
 use serde_json::Value;
 use fleet::{Fleet, HANDOVER_PORT, base_image, container_log, docker_try, inspect, kill_main_process};
-use support::{run, wait_until};
+use support::{Tmpfs, run, wait_until};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -483,6 +483,49 @@ enum Outcome {
 enum Victim {
     Old,
     New,
+}
+
+/// Mounts a 1 MiB tmpfs as the agent's Docker data root, so the new
+/// image cannot fit. The reclaim label matches nothing, so the cleanup
+/// before the refusal removes nothing that other tests use.
+#[test]
+fn full_disk_refuses_pull_until_space_returns() {
+    let docker_root = Tmpfs::mount(1);
+    let sections = format!(
+        "[space]\ninterval = \"1s\"\n\n[space.reclaim]\nonly_label = \"eventpi.test.unused={}\"\n\n[space.docker]\npath = \"/docker-root\"\n",
+        std::process::id()
+    );
+    let fleet = Fleet::with_sections("retry_backoff_min = \"5s\"\nretry_backoff_max = \"10s\"", &sections);
+    let root_mount = format!("type=bind,source={},target=/docker-root", docker_root.path.display());
+    let old = start_v1(&fleet, &["--mount", &root_mount]);
+
+    let digest = fleet.push_version("v2", None);
+    // The build left v2 in the engine. Once it is removed, only a pull can bring it back.
+    run("docker", &["image", "rm", &fleet.followed]);
+    wait_for_failed_attempt(&fleet, &digest);
+
+    let (_, memory) = fleet.machine().unwrap();
+    let reason = &memory.failure_of(&digest.parse().unwrap()).unwrap().reason;
+    assert!(reason.contains("not enough space to pull"), "{reason}");
+    assert!(reason.contains("/docker-root (docker)"), "{reason}");
+    let repository = fleet.followed.rsplit_once(':').unwrap().0;
+    assert!(docker_try(&["image", "inspect", &format!("{repository}@{digest}")]).is_none(), "the new image was not pulled");
+    let containers = fleet.agent_containers();
+    assert_eq!(containers.len(), 1, "no candidate container was created");
+    assert_eq!(containers[0]["Id"], old);
+    assert_eq!(containers[0]["State"]["Status"], "running");
+    let audit = fleet.audit();
+    assert_eq!(audit.leases.len(), 1, "the old agent keeps the only lease: {:?}", audit.leases);
+    let state = fleet.state().unwrap();
+    let notified = state.outbox.iter().any(|notification| notification.kind == "device-problem" && notification.message.contains("not enough space"));
+    assert!(notified, "{:?}", state.outbox);
+
+    docker_root.resize(1024);
+    let new = wait_for_new_agent(&fleet, &old, "v2");
+
+    let repo_digests = inspect_image_digests(new["Image"].as_str().unwrap());
+    assert!(repo_digests.iter().any(|entry| entry.ends_with(&digest)), "{repo_digests:?}");
+    assert!(fleet.audit().overlaps().is_empty(), "{:?}", fleet.audit().overlaps());
 }
 
 struct KillCase {

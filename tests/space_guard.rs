@@ -19,32 +19,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use eventpi_autoupdate::driver::space::read_filesystem;
-use support::{Agent, Webhook, World, compose_file, count_transitions, notifications_section, project_containers, push_large_image, run, wait_until};
+use support::{Agent, Tmpfs, Webhook, World, compose_file, count_transitions, notifications_section, project_containers, push_large_image, run, unmount, wait_until};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(150);
 const SECRET: &str = "space-test-secret";
-
-/// A size-limited tmpfs on a fresh directory, unmounted when dropped.
-struct Tmpfs {
-    _directory: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(megabytes: u64) -> Tmpfs {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("fs");
-        fs::create_dir(&path).unwrap();
-        run("mount", &["-t", "tmpfs", "-o", &format!("size={megabytes}m,mode=0755"), "eventpi-test", path.to_str().unwrap()]);
-        Tmpfs { _directory: directory, path }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        unmount(&self.path);
-    }
-}
 
 /// An ext4 image with `inodes` inodes on a loop device, mounted on a fresh
 /// directory; unmounted and detached when dropped.
@@ -73,14 +51,6 @@ impl Drop for LoopExt4 {
     fn drop(&mut self) {
         unmount(&self.path);
         let _ = Command::new("losetup").args(["--detach", &self.device]).status();
-    }
-}
-
-/// Unmounts `path`, lazily when a process still uses it.
-fn unmount(path: &Path) {
-    let unmounted = Command::new("umount").arg(path).stderr(Stdio::null()).status().is_ok_and(|status| status.success());
-    if !unmounted {
-        let _ = Command::new("umount").arg("--lazy").arg(path).status();
     }
 }
 

@@ -239,6 +239,28 @@ impl Engine {
         self.docker.inspect_image(reference).await.is_ok()
     }
 
+    /// Returns the unpacked size in bytes of the largest local image with a
+    /// tag or digest in `repository`, or `None` when there is none.
+    pub async fn largest_local_image(&self, repository: &str) -> Option<u64> {
+        let target_repository = crate::model::canonical_repository(repository);
+        let images = match self.docker.list_images(None::<bollard::query_parameters::ListImagesOptions>).await {
+            Ok(images) => images,
+            Err(error) => {
+                tracing::debug!(repository, %error, "cannot list local images");
+                return None;
+            }
+        };
+        let in_repository = |name: &String| {
+            let local = name.rsplit_once('@').map_or_else(|| crate::model::ImageReference::parse(name).map(|reference| reference.repository).unwrap_or_default(), |(repository, _)| repository.to_string());
+            crate::model::canonical_repository(&local) == target_repository
+        };
+        images
+            .into_iter()
+            .filter(|image| image.repo_tags.iter().chain(image.repo_digests.iter()).any(in_repository))
+            .map(|image| u64::try_from(image.size).unwrap_or(0))
+            .max()
+    }
+
     /// Tags `source` as `autoupdate-keep/<project>:<tag>`.
     pub async fn keep_tag(&self, source: &str, project: &str, tag: &str) -> Result<(), EngineError> {
         let repository = format!("{KEEP_REPOSITORY}/{project}");

@@ -769,7 +769,14 @@ pub(crate) fn notices_for(step: &Step, memory: &SelfUpdateMemory) -> Vec<Notice>
             )]
         }
         (Some(SelfUpdateOutcome::Failed { digest, reason }), _, true) if memory.failure_of(digest).is_some() => {
-            vec![notice(Severity::Warning, "self-update-rejected", format!("new agent image {digest} was rejected: {reason}"))]
+            // A pull that the device itself prevents, such as a full disk,
+            // is not a fault of the image.
+            let local = step.failure.as_ref().is_some_and(|failure| failure.kind == crate::model::FailureKind::Local);
+            if local {
+                vec![notice(Severity::Error, "device-problem", format!("new agent image {digest} cannot be pulled on this device: {reason}"))]
+            } else {
+                vec![notice(Severity::Warning, "self-update-rejected", format!("new agent image {digest} was rejected: {reason}"))]
+            }
         }
         (Some(SelfUpdateOutcome::Updated { to, .. }), _, _) if step.from == SelfUpdateState::Retiring && step.to == SelfUpdateState::Idle => {
             vec![notice(Severity::Info, "self-update-applied", format!("the agent runs image {to}"))]

@@ -1210,3 +1210,39 @@ pub fn notifications_section(directory: &Path, webhook: &Webhook, secret: &str) 
         path.display()
     )
 }
+
+/// A size-limited tmpfs on a fresh directory, unmounted when dropped.
+pub struct Tmpfs {
+    _directory: TempDir,
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(megabytes: u64) -> Tmpfs {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        run("mount", &["-t", "tmpfs", "-o", &format!("size={megabytes}m,mode=0755"), "eventpi-test", path.to_str().unwrap()]);
+        Tmpfs { _directory: directory, path }
+    }
+
+    /// Changes the size limit in place. Bind mounts of the tmpfs, in
+    /// containers too, see the new size at once.
+    pub fn resize(&self, megabytes: u64) {
+        run("mount", &["-o", &format!("remount,size={megabytes}m"), self.path.to_str().unwrap()]);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        unmount(&self.path);
+    }
+}
+
+/// Unmounts `path`, lazily when a process still uses it.
+pub fn unmount(path: &Path) {
+    let unmounted = Command::new("umount").arg(path).stderr(Stdio::null()).status().is_ok_and(|status| status.success());
+    if !unmounted {
+        let _ = Command::new("umount").arg("--lazy").arg(path).status();
+    }
+}

@@ -92,6 +92,12 @@ impl Fleet {
     /// Starts a registry and writes the configuration; lines of `extra`
     /// replace the `[self_update]` defaults with the same key.
     pub fn new(extra: &str) -> Fleet {
+        Fleet::with_sections(extra, "")
+    }
+
+    /// Like [`Fleet::new`], with the TOML tables of `sections` after
+    /// `[self_update]`.
+    pub fn with_sections(extra: &str, sections: &str) -> Fleet {
         let registry = Registry::start();
         let id = registry.port;
         let directory = tempfile::tempdir().expect("temporary directory");
@@ -111,7 +117,7 @@ impl Fleet {
             directory,
             followers: Mutex::new(Vec::new()),
         };
-        fleet.write_config(extra);
+        fleet.write_config(extra, sections);
         fleet
     }
 
@@ -119,7 +125,7 @@ impl Fleet {
         self.directory.path().join("reserved/journal")
     }
 
-    fn write_config(&mut self, extra: &str) {
+    fn write_config(&mut self, extra: &str, sections: &str) {
         let defaults = [
             format!("network = \"{}\"", self.handover_network),
             "check_interval = \"1s\"".to_string(),
@@ -137,7 +143,7 @@ impl Fleet {
         let mut lines: Vec<String> = defaults.into_iter().filter(|line| !overridden.contains(&key_of(line))).collect();
         lines.extend(extra.lines().filter(|line| !line.trim().is_empty()).map(str::to_string));
         let text = format!(
-            "[agent]\nname = \"test-device-{}\"\n\n[journal]\ndirectory = \"{}\"\nsize_kib = 256\n\n[self_update]\n{}\n",
+            "[agent]\nname = \"test-device-{}\"\n\n[journal]\ndirectory = \"{}\"\nsize_kib = 256\n\n[self_update]\n{}\n\n{sections}",
             self.id,
             self.journal_dir().display(),
             lines.join("\n")

@@ -1,9 +1,9 @@
 //! The check before a pull: the images must fit on the Docker data root with
 //! room to unpack them, above its stop mark, and with inodes to spare.
 //!
-//! Stack updates call it before every pull; the self-update pull is meant to
-//! call the same [`PullCheck::check`]. When the images do not fit, it
-//! reclaims once and checks again. A check that still fails stops nothing: the
+//! Stack updates and self-updates call [`PullCheck::check`] before every
+//! pull. When the images do not fit, it reclaims once and checks again. A
+//! check that still fails stops nothing: the
 //! pull is reported as failed, and the update is retried later.
 
 use std::collections::BTreeSet;
@@ -53,8 +53,16 @@ pub struct NoRoom(pub String);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PullEstimate {
     pub compressed_bytes: u64,
+    /// Part of `needed_bytes` estimated from local images of the same
+    /// repository, for images whose manifest the agent could not read.
+    pub local_estimate_bytes: u64,
     pub needed_bytes: u64,
 }
+
+/// Free bytes needed per unpacked byte of the local image used for an image
+/// whose manifest cannot be read. The download takes at most the unpacked
+/// size and the unpacked layers take the rest. An estimate, not a measurement.
+const LOCAL_SIZE_FACTOR: u64 = 2;
 
 impl PullCheck {
     /// Returns this check with its log lines naming `machine`.
@@ -96,14 +104,19 @@ impl PullCheck {
 
     /// Sums the compressed size of every image not present locally, and
     /// multiplies it by the size factor. An image whose manifest cannot be
-    /// read counts as 0: its pull fails on its own when the registry is down.
+    /// read (the daemon may reach a registry that the agent's network
+    /// cannot) is estimated from the largest local image of its repository,
+    /// such as the running agent or the previous release of a service.
+    /// Without one it counts as 0, because its pull then fails on its own
+    /// when the registry is down.
     async fn estimate(&self, images: &[String]) -> PullEstimate {
         let mut compressed = 0u64;
+        let mut local_estimate = 0u64;
         let unique: BTreeSet<&String> = images.iter().collect();
         for image in unique {
+            let repository = crate::model::ImageReference::parse(image).map(|reference| reference.repository).unwrap_or_default();
             match self.reader.size(image, self.engine.platform()).await {
                 Ok(size) => {
-                    let repository = crate::model::ImageReference::parse(image).map(|reference| reference.repository).unwrap_or_default();
                     let present = match &size.digest {
                         Some(digest) => self.engine.has_image(&format!("{repository}@{digest}")).await,
                         None => false,
@@ -113,14 +126,20 @@ impl PullCheck {
                         compressed += size.compressed_bytes;
                     }
                 }
-                Err(error) => tracing::warn!(machine = self.machine, image, %error, "cannot read the image size from the registry; it is left out of the space check"),
+                Err(error) => match self.engine.largest_local_image(&repository).await {
+                    Some(unpacked) => {
+                        tracing::warn!(machine = self.machine, image, %error, local_unpacked = %format_bytes(unpacked), "cannot read the image size from the registry; estimating it from the largest local image of the same repository");
+                        local_estimate = local_estimate.saturating_add(unpacked.saturating_mul(LOCAL_SIZE_FACTOR));
+                    }
+                    None => tracing::warn!(machine = self.machine, image, %error, "cannot read the image size from the registry and no local image of its repository exists; it is left out of the space check"),
+                },
             }
         }
         // NOTE: layers that local images already hold are counted again, so
         // the estimate is high for an image that shares a base with one on
         // the device.
-        let needed = (compressed as f64 * self.size_factor).ceil() as u64;
-        PullEstimate { compressed_bytes: compressed, needed_bytes: needed }
+        let needed = ((compressed as f64 * self.size_factor).ceil() as u64).saturating_add(local_estimate);
+        PullEstimate { compressed_bytes: compressed, local_estimate_bytes: local_estimate, needed_bytes: needed }
     }
 }
 
@@ -140,10 +159,18 @@ fn shortage(target: &PullTarget, stats: &FilesystemStats, estimate: PullEstimate
     if usable >= estimate.needed_bytes {
         return None;
     }
+    let basis = if estimate.local_estimate_bytes == 0 {
+        format!("{} compressed, times the space.pull_size_factor for unpacking", format_bytes(estimate.compressed_bytes))
+    } else {
+        format!(
+            "{} compressed, times the space.pull_size_factor for unpacking, plus {} estimated from local images because the registry's manifests could not be read",
+            format_bytes(estimate.compressed_bytes),
+            format_bytes(estimate.local_estimate_bytes)
+        )
+    };
     Some(format!(
-        "not enough space to pull the images: they need about {} ({} compressed, times the space.pull_size_factor for unpacking), but {place} has {} free above its {} % stop mark",
+        "not enough space to pull the images: they need about {} ({basis}), but {place} has {} free above its {} % stop mark",
         format_bytes(estimate.needed_bytes),
-        format_bytes(estimate.compressed_bytes),
         format_bytes(usable),
         target.marks.stop_below_percent
     ))
@@ -164,18 +191,28 @@ mod tests {
 
     #[test]
     fn pull_fits_above_stop_mark() {
-        let estimate = PullEstimate { compressed_bytes: 100, needed_bytes: 300 };
+        let estimate = PullEstimate { compressed_bytes: 100, needed_bytes: 300, ..PullEstimate::default() };
         assert_eq!(shortage(&target(), &stats(400, 50), estimate), None);
     }
 
     #[test]
     fn pull_into_stop_mark_is_short() {
-        let estimate = PullEstimate { compressed_bytes: 100, needed_bytes: 300 };
+        let estimate = PullEstimate { compressed_bytes: 100, needed_bytes: 300, ..PullEstimate::default() };
 
         let message = shortage(&target(), &stats(350, 50), estimate).expect("300 B do not fit above a 100 B reserve in 350 B");
 
         assert!(message.contains("not enough space"), "{message}");
         assert!(message.contains("/var/lib/docker (docker)"), "{message}");
+    }
+
+    #[test]
+    fn local_estimate_is_named_in_shortage() {
+        let estimate = PullEstimate { compressed_bytes: 0, local_estimate_bytes: 600, needed_bytes: 600 };
+
+        let message = shortage(&target(), &stats(400, 50), estimate).expect("600 B do not fit in 400 B");
+
+        assert!(message.contains("estimated from local images"), "{message}");
+        assert!(message.contains("600 B"), "{message}");
     }
 
     #[test]
