@@ -363,7 +363,7 @@ async fn wait_for_engine(host: Option<&str>, platform: Option<Platform>, board: 
             Err(error) => {
                 failures += 1;
                 board.set(Source::Agent, Some(Condition::WaitingForDocker));
-                if failures == 1 || failures % 12 == 0 {
+                if failures == 1 || failures.is_multiple_of(12) {
                     tracing::warn!(%error, failures, "waiting for the Docker engine");
                 }
                 tokio::time::sleep(jittered(ENGINE_RETRY, ENGINE_RETRY_JITTER_PERCENT)).await;

@@ -861,20 +861,18 @@ impl Parts {
         if self.journal.size_kib < 36 {
             report("journal.size_kib", format!("{} KiB is below the minimum of 36 KiB", self.journal.size_kib));
         }
-        if let Some(host) = &self.docker.host {
-            if !host.starts_with("unix://") {
+        if let Some(host) = &self.docker.host
+            && !host.starts_with("unix://") {
                 report("docker.host", format!("{host:?} is not supported: use a unix:// socket path"));
             }
-        }
         let empty_command = self.docker.compose_command.as_ref().is_some_and(|command| command.first().is_none_or(|program| program.trim().is_empty()));
         if empty_command {
             report("docker.compose_command", "must name a program, for example [\"docker\", \"compose\"]".into());
         }
-        if let Some(platform) = &self.docker.platform {
-            if crate::platform::Platform::parse(platform).is_none() {
+        if let Some(platform) = &self.docker.platform
+            && crate::platform::Platform::parse(platform).is_none() {
                 report("docker.platform", format!("{platform:?} is not a platform: write os/arch or os/arch/variant, for example linux/arm64"));
             }
-        }
         if !self.control.socket.is_absolute() {
             report("control.socket", format!("{} must be an absolute path", self.control.socket.display()));
         }

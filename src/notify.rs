@@ -197,7 +197,7 @@ pub async fn run_sender(
             Err(error) => {
                 failures = failures.saturating_add(1);
                 let delay = crate::driver::stack::backoff_delay(failures, settings.retry_min, settings.retry_max);
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(notification = %id, %error, failures, retry_in = %humantime::format_duration(delay), "notification not delivered");
                 }
                 tokio::select! {

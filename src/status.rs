@@ -293,11 +293,10 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
         {
             fill_self_update(&mut view, memory, machine.state.and_then(SelfUpdateState::from_code));
         }
-        if kind == MachineKind::HostPatch {
-            if let Some(memory) = &state.host_memory {
+        if kind == MachineKind::HostPatch
+            && let Some(memory) = &state.host_memory {
                 fill_host(&mut view, memory);
             }
-        }
         if kind == MachineKind::SpaceGuard
             && let Some(memory) = &state.space_memory
         {
@@ -440,7 +439,7 @@ pub fn render(status: &AgentStatus) -> String {
         let _ = writeln!(text, "notifications: {} pending, {} delivered, {} dropped", outbox.pending, outbox.delivered, outbox.dropped);
     }
     for disk in &status.disks {
-        let percent = if disk.total_bytes > 0 { disk.free_bytes * 100 / disk.total_bytes } else { 0 };
+        let percent = (disk.free_bytes * 100).checked_div(disk.total_bytes).unwrap_or(0);
         let low = disk.low.as_ref().map(|what| format!(", LOW: {what} below the mark")).unwrap_or_default();
         let inodes = (disk.free_inodes * 100).checked_div(disk.total_inodes).map(|percent| format!(", {percent} % of inodes free")).unwrap_or_default();
         let _ = writeln!(text, "disk {}: {} % free ({} MiB){inodes} at {}{low}", disk.role, percent, disk.free_bytes / (1024 * 1024), disk.path);

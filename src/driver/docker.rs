@@ -164,20 +164,17 @@ impl Engine {
             while let Some(item) = stream.next().await {
                 let info = item.map_err(|error| classify_pull_error(image, error))?;
                 let status = info.status.clone().unwrap_or_default();
-                if let (Some(layer), Some(detail)) = (&info.id, &info.progress_detail) {
-                    if status == "Downloading" {
+                if let (Some(layer), Some(detail)) = (&info.id, &info.progress_detail)
+                    && status == "Downloading" {
                         let current = detail.current.unwrap_or(0).max(0) as u64;
                         let total = detail.total.unwrap_or(0).max(0) as u64;
                         layers.insert(layer.clone(), (current, total));
                     }
-                }
-                if status == "Download complete" || status == "Pull complete" {
-                    if let Some(layer) = &info.id {
-                        if let Some(entry) = layers.get_mut(layer) {
+                if (status == "Download complete" || status == "Pull complete")
+                    && let Some(layer) = &info.id
+                        && let Some(entry) = layers.get_mut(layer) {
                             entry.0 = entry.1;
                         }
-                    }
-                }
                 if last_report.elapsed() >= Duration::from_millis(250) && !layers.is_empty() {
                     let current = layers.values().map(|(current, _)| current).sum();
                     let total = layers.values().map(|(_, total)| total).sum();

@@ -183,11 +183,10 @@ impl GitMirror {
         // A tip that the last fetch already brought needs no fetch: one ref
         // advertisement from the server is the whole poll.
         let fetched = self.memo().fetched_tip;
-        if let Some(fetched) = fetched {
-            if self.remote_tip().await? == fetched {
+        if let Some(fetched) = fetched
+            && self.remote_tip().await? == fetched {
                 return Ok(fetched);
             }
-        }
 
         let tip = match self.fetch_once().await {
             Ok(tip) => tip,

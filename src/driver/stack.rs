@@ -797,11 +797,10 @@ fn notices_for(step: &Step, memory: &StackMemory) -> Vec<Notice> {
         }
         _ => {}
     }
-    if step.from == StackState::FactoryReset && step.to == StackState::Idle {
-        if let Some(reason) = &memory.needs_attention {
+    if step.from == StackState::FactoryReset && step.to == StackState::Idle
+        && let Some(reason) = &memory.needs_attention {
             notices.push(notice(Severity::Error, "needs-attention", reason.clone()));
         }
-    }
     notices
 }
 

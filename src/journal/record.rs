@@ -236,6 +236,7 @@ pub struct DecodeError {
 
 /// Outcome of decoding one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant, reason = "each decoded record is moved once; a box would add an allocation per record")]
 pub enum Decoded {
     Known(Record),
     /// A tag from a newer version; the record is skipped.

@@ -394,11 +394,10 @@ impl SelfUpdateDriver {
     }
 
     async fn pull(&mut self, image: &str, digest: Digest) -> SelfUpdateEvents {
-        if let Some(check) = &self.pull_check {
-            if let Err(no_room) = check.check(&[image.to_string()]).await {
+        if let Some(check) = &self.pull_check
+            && let Err(no_room) = check.check(&[image.to_string()]).await {
                 return SelfUpdateEvents::PullFailed(Failure::local(format!("cannot pull the new agent image {image}: {no_room}")));
             }
-        }
         tracing::info!(machine = "self-update", image, %digest, "pulling the new image of the agent");
         let pulled = match self.engine.pull(image, self.config.pull_timeout).await {
             Ok(pulled) => pulled,
