@@ -15,12 +15,7 @@ const OPENS: usize = 50;
 
 fn transition(index: u64) -> Record {
     Record::Transition(TransitionRecord {
-        meta: RecordMeta {
-            boot_id: [0x5A; 16],
-            monotonic_ms: 864_000_000 + index * 1000,
-            wall_ms: 1_796_000_000_000 + index * 1000,
-            clock_synced: true,
-        },
+        meta: RecordMeta { boot_id: [0x5A; 16], monotonic_ms: 864_000_000 + index * 1000, wall_ms: 1_796_000_000_000 + index * 1000, clock_synced: true },
         machine: 1,
         from: (index % 10) as u8 + 1,
         event: (index % 15) as u8 + 1,

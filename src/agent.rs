@@ -16,6 +16,7 @@ use crate::driver::git::GitMirror;
 use crate::driver::git_auth::{GitAccess, GitAccessError};
 use crate::driver::process::{self, CommandSpec};
 use crate::driver::signing::SignaturePolicy;
+use crate::driver::space::preflight::PullCheck;
 use crate::driver::stack::{DriverError, DriverSettings, StackDriver, jittered};
 use crate::journal::{History, Journal, JournalError, JournalOptions};
 use crate::machine::stack::StackSettings;
@@ -26,7 +27,6 @@ use crate::runtime::{Runtime, SharedJournal};
 use crate::seams::Seams;
 use crate::selfupdate::driver::{DriverError as SelfUpdateError, DriverExit, SelfUpdateDriver};
 use crate::selfupdate::lease::Claim;
-use crate::driver::space::preflight::PullCheck;
 
 /// Time between two attempts to reach the Docker engine at start.
 const ENGINE_RETRY: Duration = Duration::from_secs(5);
@@ -133,7 +133,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// Acts while this agent holds the newest lease: runs the machines and the
 /// notification sender. When another agent fences it out, or it hands over
 /// to a new container, it stops them and waits until it may act again.
-async fn act_under_lease(config: &Config, credentials: Credentials, access: GitAccess, runtime: Arc<Runtime>, secret: Option<Vec<u8>>) -> Result<(), AgentError> {
+async fn act_under_lease(
+    config: &Config,
+    credentials: Credentials,
+    access: GitAccess,
+    runtime: Arc<Runtime>,
+    secret: Option<Vec<u8>>,
+) -> Result<(), AgentError> {
     let mut claim = Claim::new(runtime.clone(), config.docker.host.clone(), config.self_update.clone());
     let mut first_start = true;
     loop {
@@ -242,7 +248,13 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
 /// Runs the self-update machine until it hands over. An agent that cannot
 /// update itself, for example one outside a container, logs why and goes on
 /// with its other machines.
-async fn run_self_update(section: &SelfUpdateConfig, engine: Engine, runtime: Arc<Runtime>, stack_configured: bool, pull_check: PullCheck) -> Result<(), AgentError> {
+async fn run_self_update(
+    section: &SelfUpdateConfig,
+    engine: Engine,
+    runtime: Arc<Runtime>,
+    stack_configured: bool,
+    pull_check: PullCheck,
+) -> Result<(), AgentError> {
     let own = match crate::selfupdate::docker::own_container(&engine, section.image.as_deref()).await {
         Ok(own) => own,
         Err(error) => {
@@ -257,7 +269,14 @@ async fn run_self_update(section: &SelfUpdateConfig, engine: Engine, runtime: Ar
     }
 }
 
-async fn run_stack(config: &Config, stack: &StackConfig, engine: Engine, access: GitAccess, runtime: Arc<Runtime>, pull_check: PullCheck) -> Result<(), AgentError> {
+async fn run_stack(
+    config: &Config,
+    stack: &StackConfig,
+    engine: Engine,
+    access: GitAccess,
+    runtime: Arc<Runtime>,
+    pull_check: PullCheck,
+) -> Result<(), AgentError> {
     let compose_command = find_compose(config).await;
 
     let git = GitMirror::for_stack(config, stack, access);

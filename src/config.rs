@@ -237,7 +237,10 @@ impl ApplyConfig {
         if let Some(label) = &self.lock_label {
             let valid = !label.is_empty() && label.chars().all(|character| character.is_ascii_alphanumeric() || "._-/".contains(character));
             if !valid {
-                problems.push(("lock_label", format!("{label:?} is not a label key: use letters, digits, '.', '-', '_' and '/', for example \"eventpi.update-lock\"")));
+                problems.push((
+                    "lock_label",
+                    format!("{label:?} is not a label key: use letters, digits, '.', '-', '_' and '/', for example \"eventpi.update-lock\""),
+                ));
             }
         }
         if self.max_deferral.is_zero() {
@@ -421,7 +424,11 @@ fn check_panel(panel: &PanelConfig, report: &mut impl FnMut(&str, String)) {
     if panel.cancel_after < panel.long_hold + Duration::from_secs(2) {
         report(
             "panel.cancel_after",
-            format!("{} leaves less than 2s after panel.long_hold ({}) to release the button; set it at least 2s above", show(panel.cancel_after), show(panel.long_hold)),
+            format!(
+                "{} leaves less than 2s after panel.long_hold ({}) to release the button; set it at least 2s above",
+                show(panel.cancel_after),
+                show(panel.long_hold)
+            ),
         );
     }
     if let Some(directory) = &panel.factory_directory
@@ -810,7 +817,8 @@ impl Parts {
                 let reported: Vec<String> = problems.iter().map(|problem| problem.key.clone()).collect();
                 if parts.panel.backend == PanelBackend::Gpio && !cfg!(feature = "gpio") {
                     let key = "panel.backend";
-                    let message = "is \"gpio\", but this build has no GPIO support; the LED is simulated in the log. Use a build with the cargo feature gpio".to_string();
+                    let message =
+                        "is \"gpio\", but this build has no GPIO support; the LED is simulated in the log. Use a build with the cargo feature gpio".to_string();
                     parts.warnings.push(Problem { key: key.into(), line: line_of_key(text, key), message });
                 }
                 let later = parts.migrate(text).into_iter().chain(parts.check(text));
@@ -862,17 +870,19 @@ impl Parts {
             report("journal.size_kib", format!("{} KiB is below the minimum of 36 KiB", self.journal.size_kib));
         }
         if let Some(host) = &self.docker.host
-            && !host.starts_with("unix://") {
-                report("docker.host", format!("{host:?} is not supported: use a unix:// socket path"));
-            }
+            && !host.starts_with("unix://")
+        {
+            report("docker.host", format!("{host:?} is not supported: use a unix:// socket path"));
+        }
         let empty_command = self.docker.compose_command.as_ref().is_some_and(|command| command.first().is_none_or(|program| program.trim().is_empty()));
         if empty_command {
             report("docker.compose_command", "must name a program, for example [\"docker\", \"compose\"]".into());
         }
         if let Some(platform) = &self.docker.platform
-            && crate::platform::Platform::parse(platform).is_none() {
-                report("docker.platform", format!("{platform:?} is not a platform: write os/arch or os/arch/variant, for example linux/arm64"));
-            }
+            && crate::platform::Platform::parse(platform).is_none()
+        {
+            report("docker.platform", format!("{platform:?} is not a platform: write os/arch or os/arch/variant, for example linux/arm64"));
+        }
         if !self.control.socket.is_absolute() {
             report("control.socket", format!("{} must be an absolute path", self.control.socket.display()));
         }
@@ -960,7 +970,10 @@ fn check_stack(stack: &StackConfig, report: &mut impl FnMut(&str, String)) {
         }
     }
     if !valid_project(&stack.project) {
-        report("stack.project", format!("{:?} is not a valid Compose project name: use lowercase letters, digits, '-' and '_', starting with a letter or digit", stack.project));
+        report(
+            "stack.project",
+            format!("{:?} is not a valid Compose project name: use lowercase letters, digits, '-' and '_', starting with a letter or digit", stack.project),
+        );
     }
     for (key, value) in [
         ("stack.poll_interval", stack.poll_interval),
@@ -1331,10 +1344,8 @@ checkout = "/srv/eventpi/stack"
 
     #[test]
     fn semantic_problems_are_all_listed() {
-        let text = MINIMAL
-            .replace("device-0001", "bad..branch")
-            .replace("/srv/eventpi/stack", "relative/path")
-            .replace("[stack]", "[stack]\nproject = \"Bad Name\"");
+        let text =
+            MINIMAL.replace("device-0001", "bad..branch").replace("/srv/eventpi/stack", "relative/path").replace("[stack]", "[stack]\nproject = \"Bad Name\"");
 
         let problems = Config::parse(&text).unwrap_err();
         let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
@@ -1427,10 +1438,7 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         let problems = HostPatchConfig::parse(&text).unwrap_err();
         let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
 
-        assert_eq!(
-            found,
-            vec![("host.key_file", Some(9)), ("host.host_key", Some(10)), ("host.upgrade_timeout", Some(6)), ("host.job_directory", Some(7))]
-        );
+        assert_eq!(found, vec![("host.key_file", Some(9)), ("host.host_key", Some(10)), ("host.upgrade_timeout", Some(6)), ("host.job_directory", Some(7))]);
     }
 
     #[test]
@@ -1443,7 +1451,9 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
     #[test]
     fn window_policy_is_read() {
-        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Europe/Warsaw\"]\nlock_files = [\"/srv/shared/update.lock\"]\nlock_label = \"eventpi.update-lock\"\nmax_deferral = \"6h\"\n");
+        let text = format!(
+            "{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Europe/Warsaw\"]\nlock_files = [\"/srv/shared/update.lock\"]\nlock_label = \"eventpi.update-lock\"\nmax_deferral = \"6h\"\n"
+        );
 
         let config = Config::parse(&text).unwrap();
         let policy = config.stack.as_ref().unwrap().apply.policy().unwrap();
@@ -1479,7 +1489,9 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
     #[test]
     fn apply_problems_have_keys_and_lines() {
-        let text = format!("{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Mars/Olympus\"]\nlock_files = [\"relative.lock\"]\nmax_deferral = \"0s\"\n");
+        let text = format!(
+            "{MINIMAL}\n[stack.apply]\npolicy = \"window\"\nwindows = [\"02:00-04:00 Mars/Olympus\"]\nlock_files = [\"relative.lock\"]\nmax_deferral = \"0s\"\n"
+        );
 
         let problems = Config::parse(&text).unwrap_err();
         let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
@@ -1500,7 +1512,9 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
     #[test]
     fn space_section_is_read() {
-        let text = format!("{MINIMAL}\n[space]\ninterval = \"10s\"\n[space.recordings]\npath = \"/srv/recordings\"\nstop_below_percent = 12.5\n[space.recorder]\nservice = \"recorder\"\n");
+        let text = format!(
+            "{MINIMAL}\n[space]\ninterval = \"10s\"\n[space.recordings]\npath = \"/srv/recordings\"\nstop_below_percent = 12.5\n[space.recorder]\nservice = \"recorder\"\n"
+        );
 
         let config = Config::parse(&text).unwrap();
 

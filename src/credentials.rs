@@ -307,7 +307,9 @@ fn check_allowed_signers(git: &GitConfig, problems: &mut Vec<CredentialsProblem>
             let mode = metadata.permissions().mode() & 0o7777;
             problems.push(CredentialsProblem::AllowedSigners {
                 key,
-                message: format!("{path_text} has mode {mode:04o}, which lets group or others change it; it needs mode 0644 or stricter: run chmod 0644 {path_text}"),
+                message: format!(
+                    "{path_text} has mode {mode:04o}, which lets group or others change it; it needs mode 0644 or stricter: run chmod 0644 {path_text}"
+                ),
             });
         }
         Ok(_) => {}
@@ -360,7 +362,9 @@ mod tests {
     fn docker_config_auth_is_decoded() {
         let directory = tempfile::tempdir().unwrap();
         let auth = base64::engine::general_purpose::STANDARD.encode("device:s3cr3t");
-        let text = format!(r#"{{"auths": {{"https://127.0.0.1:5000/v1/": {{"auth": "{auth}"}}, "https://index.docker.io/v1/": {{"username": "hub", "password": "hubpw"}}}}}}"#);
+        let text = format!(
+            r#"{{"auths": {{"https://127.0.0.1:5000/v1/": {{"auth": "{auth}"}}, "https://index.docker.io/v1/": {{"username": "hub", "password": "hubpw"}}}}}}"#
+        );
         let path = private_file(directory.path(), "config.json", &text, 0o600);
 
         let local = login_from_docker_config(&path, "127.0.0.1:5000").ok().unwrap();

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 use eventpi_autoupdate::config::{Config, ConfigError, HostPatchConfig, LogFormat};
 use eventpi_autoupdate::control::client::{self, ClientError, Endpoint};
@@ -235,22 +235,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit_heap_growth();
             let config = Config::load(&config)?;
             init_logging(cli.log_format, Some(config.agent.log_format), &config.agent.log_level);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
             runtime.block_on(agent::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::HostPatch { config } => {
             let config = HostPatchConfig::load(&config)?;
             init_logging(cli.log_format, Some(config.agent.log_format), &config.agent.log_level);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
             runtime.block_on(host_patch(config))
         }
         Command::CheckConfig { file } => match Config::load(&file).map(|config| {
@@ -279,7 +271,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Status { target, journal, json } => status(&target, journal, json),
         Command::UpdateNow { target, self_update, host, .. } => {
-            let process = if self_update { "self" } else if host { "host" } else { "stack" };
+            let process = if self_update {
+                "self"
+            } else if host {
+                "host"
+            } else {
+                "stack"
+            };
             update_now(&target, process)
         }
         Command::Button { target, press } => {

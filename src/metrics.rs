@@ -114,11 +114,13 @@ impl Metrics {
 
         family(&mut text, "autoupdate_filesystem_size_inodes", "gauge", "Inodes of each watched filesystem; 0 without an inode limit.");
         for disk in &status.disks {
-            let _ = writeln!(text, "autoupdate_filesystem_size_inodes{{role=\"{}\",path=\"{}\"}} {}", escape(&disk.role), escape(&disk.path), disk.total_inodes);
+            let _ =
+                writeln!(text, "autoupdate_filesystem_size_inodes{{role=\"{}\",path=\"{}\"}} {}", escape(&disk.role), escape(&disk.path), disk.total_inodes);
         }
         family(&mut text, "autoupdate_filesystem_low", "gauge", "1 while the space guard counts a filesystem as below its mark.");
         for disk in &status.disks {
-            let _ = writeln!(text, "autoupdate_filesystem_low{{role=\"{}\",path=\"{}\"}} {}", escape(&disk.role), escape(&disk.path), u8::from(disk.low.is_some()));
+            let _ =
+                writeln!(text, "autoupdate_filesystem_low{{role=\"{}\",path=\"{}\"}} {}", escape(&disk.role), escape(&disk.path), u8::from(disk.low.is_some()));
         }
         if let Some(space) = &status.space {
             family(&mut text, "autoupdate_recorder_held", "gauge", "1 while the space guard holds the recorder stopped.");

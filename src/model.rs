@@ -33,10 +33,7 @@ impl FromStr for CommitId {
     type Err = ParseIdError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        parse_hex::<20>(text.trim()).map(CommitId).ok_or_else(|| ParseIdError {
-            value: text.to_string(),
-            expected: "a 40-digit hex SHA-1 commit id",
-        })
+        parse_hex::<20>(text.trim()).map(CommitId).ok_or_else(|| ParseIdError { value: text.to_string(), expected: "a 40-digit hex SHA-1 commit id" })
     }
 }
 
@@ -145,11 +142,7 @@ pub fn canonical_repository(repository: &str) -> String {
     if has_registry {
         return repository.to_string();
     }
-    if repository.contains('/') {
-        format!("docker.io/{repository}")
-    } else {
-        format!("docker.io/library/{repository}")
-    }
+    if repository.contains('/') { format!("docker.io/{repository}") } else { format!("docker.io/library/{repository}") }
 }
 
 /// One Compose service and the image it runs, pinned to a manifest digest.

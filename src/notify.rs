@@ -165,12 +165,7 @@ pub enum DeliveryError {
 }
 
 /// Delivers the outbox to the webhook until the future is dropped.
-pub async fn run_sender(
-    journal: crate::runtime::SharedJournal,
-    seams: Seams,
-    settings: SenderSettings,
-    wake: Arc<Notify>,
-) -> Result<(), JournalError> {
+pub async fn run_sender(journal: crate::runtime::SharedJournal, seams: Seams, settings: SenderSettings, wake: Arc<Notify>) -> Result<(), JournalError> {
     let https = hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     let mut failures = 0u32;
@@ -209,12 +204,7 @@ pub async fn run_sender(
     }
 }
 
-async fn deliver<C>(
-    client: &Client<C, Full<Bytes>>,
-    settings: &SenderSettings,
-    notification: &NotificationRecord,
-    timestamp: u64,
-) -> Result<(), DeliveryError>
+async fn deliver<C>(client: &Client<C, Full<Bytes>>, settings: &SenderSettings, notification: &NotificationRecord, timestamp: u64) -> Result<(), DeliveryError>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {

@@ -75,9 +75,7 @@ impl FromStr for Window {
         if start == end {
             return Err(invalid("the window starts and ends at the same time".into()));
         }
-        let zone = TimeZoneDatabase::bundled()
-            .get(zone_name)
-            .map_err(|_| invalid(format!("{zone_name:?} is not a time zone in the IANA database")))?;
+        let zone = TimeZoneDatabase::bundled().get(zone_name).map_err(|_| invalid(format!("{zone_name:?} is not a time zone in the IANA database")))?;
         Ok(Window { start, end, zone, zone_name: zone_name.to_string() })
     }
 }
@@ -172,9 +170,7 @@ impl fmt::Display for Hold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Hold::NextBoot => f.write_str("waiting for the next boot (policy on-boot)"),
-            Hold::ClockNotSynchronised => {
-                f.write_str("waiting for the clock: maintenance windows stay closed until the kernel reports the clock synchronised")
-            }
+            Hold::ClockNotSynchronised => f.write_str("waiting for the clock: maintenance windows stay closed until the kernel reports the clock synchronised"),
             Hold::OutsideWindow { windows, next_open } => {
                 let names: Vec<String> = windows.iter().map(Window::to_string).collect();
                 write!(f, "waiting for the maintenance window {}", names.join(", "))?;
@@ -194,7 +190,9 @@ pub enum Decision {
     Apply,
     /// The timing allows the update, and a lock still holds it, but locks have
     /// deferred it for the maximum already.
-    ApplyDespiteLock { holder: String },
+    ApplyDespiteLock {
+        holder: String,
+    },
     Wait(Hold),
 }
 
@@ -257,12 +255,7 @@ mod tests {
     }
 
     fn facts(wall: &str, synced: bool) -> PolicyFacts {
-        PolicyFacts {
-            clock: WallClock { wall_ms: at(wall).as_millisecond() as u64, synced },
-            booted_since_pull: false,
-            lock: None,
-            deferred: Duration::ZERO,
-        }
+        PolicyFacts { clock: WallClock { wall_ms: at(wall).as_millisecond() as u64, synced }, booted_since_pull: false, lock: None, deferred: Duration::ZERO }
     }
 
     #[test]

@@ -23,9 +23,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn wall_ms(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
     }
 
     fn monotonic_ms(&self) -> u64 {

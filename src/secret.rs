@@ -116,9 +116,8 @@ pub fn redact_urls(text: &str) -> String {
     let mut output = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(position) = rest.find("://") {
-        let scheme_start = rest[..position]
-            .rfind(|character: char| !(character.is_ascii_alphanumeric() || "+-.".contains(character)))
-            .map_or(0, |index| index + 1);
+        let scheme_start =
+            rest[..position].rfind(|character: char| !(character.is_ascii_alphanumeric() || "+-.".contains(character))).map_or(0, |index| index + 1);
         let scheme = rest[scheme_start..position].to_ascii_lowercase();
         let authority_start = position + 3;
         output.push_str(&rest[..authority_start]);

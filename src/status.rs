@@ -183,11 +183,7 @@ fn fill_stack(view: &mut MachineView, memory: &StackMemory, state: Option<StackS
     view.known_good = memory.known_good.as_ref().map(release_view);
     view.running = memory.running.as_ref().filter(|running| memory.known_good.as_ref() != Some(*running)).map(release_view);
     let busy = state.is_some_and(|state| state != StackState::Idle);
-    view.attempt = memory
-        .attempt
-        .as_ref()
-        .filter(|_| busy)
-        .map(|attempt| AttemptView { number: attempt.number, target: attempt.target.to_string() });
+    view.attempt = memory.attempt.as_ref().filter(|_| busy).map(|attempt| AttemptView { number: attempt.number, target: attempt.target.to_string() });
     view.last_outcome = memory.last_outcome.as_ref().map(describe_outcome);
     view.rejected = memory.rejected.as_ref().map(|rejection| RejectedView {
         commit: rejection.commit.to_string(),
@@ -294,9 +290,10 @@ pub fn from_journal(journal: &Journal, device: &str) -> AgentStatus {
             fill_self_update(&mut view, memory, machine.state.and_then(SelfUpdateState::from_code));
         }
         if kind == MachineKind::HostPatch
-            && let Some(memory) = &state.host_memory {
-                fill_host(&mut view, memory);
-            }
+            && let Some(memory) = &state.host_memory
+        {
+            fill_host(&mut view, memory);
+        }
         if kind == MachineKind::SpaceGuard
             && let Some(memory) = &state.space_memory
         {

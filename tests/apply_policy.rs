@@ -159,7 +159,10 @@ fn lock_past_maximum_deferral_is_overridden() {
     wait_until("the update to be applied despite the lock", STEP_TIMEOUT, Some(&agent), || transition(&agent, "Ready", "PolicyAllows", "Applying").is_some());
     let waited = restarted.elapsed();
 
-    assert!(waited < Duration::from_secs(13), "the deferral of {before_restart}s before the restart counts towards the 16s maximum; the restart waited {waited:?}");
+    assert!(
+        waited < Duration::from_secs(13),
+        "the deferral of {before_restart}s before the restart counts towards the 16s maximum; the restart waited {waited:?}"
+    );
     wait_until("the commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&commit));
     let log = agent.log();
     assert!(log.contains("applying despite the lock"), "the override is logged");
@@ -222,7 +225,9 @@ fn missing_image_is_pulled_before_window_apply() {
     let pinned = format!("{}/web@{digest}", world.registry.address());
     world.registry.stop();
     run("docker", &["rmi", "--force", &image, &pinned]);
-    wait_until("the missing image to be the hold", STEP_TIMEOUT, Some(&agent), || status_contains(&agent, &format!("pulled update waits: image {pinned} is missing and cannot be pulled")));
+    wait_until("the missing image to be the hold", STEP_TIMEOUT, Some(&agent), || {
+        status_contains(&agent, &format!("pulled update waits: image {pinned} is missing and cannot be pulled"))
+    });
     clock.set("2025-06-11T00:30:00Z", true);
     std::thread::sleep(QUIET_PERIOD);
     assert!(project_containers(&world.project).is_empty(), "an open window applies nothing while an image is missing");

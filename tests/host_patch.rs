@@ -241,11 +241,8 @@ fn failpoint_in_each_state_recovers() {
         eprintln!("skipped: build with --features failpoints to run the failpoint cases");
         return;
     }
-    let cases: Vec<(String, &str)> = HOST_TABLE
-        .states
-        .iter()
-        .flat_map(|state| ["after-persist", "before-command"].map(|point| (state.name.to_string(), point)))
-        .collect();
+    let cases: Vec<(String, &str)> =
+        HOST_TABLE.states.iter().flat_map(|state| ["after-persist", "before-command"].map(|point| (state.name.to_string(), point))).collect();
     assert_eq!(cases.len(), 2 * HostState::ALL.len());
 
     // Three hosts at a time: each case waits mostly on dpkg and restarts.
@@ -393,7 +390,10 @@ fn low_free_space_stops_before_apt() {
 fn invalid_host_section_lists_problems() {
     let directory = tempfile::tempdir().unwrap();
     let journal = directory.path().join("journal");
-    let unknown_key = format!("[journal]\ndirectory = \"{}\"\n\n[host]\naddress = \"127.0.0.1\"\nkey_file = \"/k\"\nhost_key = \"SHA256:short\"\nmax_reboot = 2\n", journal.display());
+    let unknown_key = format!(
+        "[journal]\ndirectory = \"{}\"\n\n[host]\naddress = \"127.0.0.1\"\nkey_file = \"/k\"\nhost_key = \"SHA256:short\"\nmax_reboot = 2\n",
+        journal.display()
+    );
     let bad_values = unknown_key.replace("max_reboot = 2\n", "").replace("/k", "relative/key");
 
     let first = host_patch_errors(directory.path(), &unknown_key);

@@ -15,11 +15,10 @@ use std::time::Duration;
 
 use eventpi_autoupdate::journal::record::{MachineErrorRecord, StackMemoryRecord, TransitionRecord, tag};
 use eventpi_autoupdate::journal::{History, Journal, JournalError, JournalState, ReadStats, Record, RecordMeta, frame};
-use eventpi_autoupdate::machine::{MachineKind, describe_machine};
 use eventpi_autoupdate::machine::stack::{
-    Outcome, PlannedService, Rejection, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings,
-    StackState,
+    Outcome, PlannedService, Rejection, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings, StackState,
 };
+use eventpi_autoupdate::machine::{MachineKind, describe_machine};
 use eventpi_autoupdate::model::{CommitId, Digest, Failure, Release, ServiceImage};
 use eventpi_autoupdate::report;
 
@@ -326,11 +325,7 @@ fn golden_release(commit_hex: &str, web_tag: &str, web_digest: &str) -> Release 
     Release {
         commit: commit(commit_hex),
         services: vec![
-            ServiceImage {
-                service: "web".into(),
-                image: format!("registry.local:5000/eventpi/web:{web_tag}"),
-                digest: digest(web_digest),
-            },
+            ServiceImage { service: "web".into(), image: format!("registry.local:5000/eventpi/web:{web_tag}"), digest: digest(web_digest) },
             ServiceImage {
                 service: "recorder".into(),
                 image: "registry.local:5000/eventpi/recorder:1.9.2".into(),
@@ -343,21 +338,13 @@ fn golden_release(commit_hex: &str, web_tag: &str, web_digest: &str) -> Release 
 /// Returns the release of the first commit, which is applied and is the
 /// known-good commit at the end.
 fn golden_release_applied() -> Release {
-    golden_release(
-        "3b18e512dba79e4c8300dd08aeb37f8e728b8dad",
-        "2.4.0",
-        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-    )
+    golden_release("3b18e512dba79e4c8300dd08aeb37f8e728b8dad", "2.4.0", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
 }
 
 /// Returns the release of the third commit, whose probation fails so the
 /// device rolls back.
 fn golden_release_rolled_back() -> Release {
-    golden_release(
-        "e5a7c9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a1c3",
-        "2.5.0",
-        "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752",
-    )
+    golden_release("e5a7c9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a1c3", "2.5.0", "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752")
 }
 
 const GOLDEN_REJECTED_COMMIT: &str = "9c2e6f0a41b5d7e83f1a2c4b6d8e0f1a3c5b7d9e";
@@ -365,11 +352,7 @@ const GOLDEN_REJECTED_COMMIT: &str = "9c2e6f0a41b5d7e83f1a2c4b6d8e0f1a3c5b7d9e";
 const GOLDEN_PROBATION_FAILURE: &str = "service web exited with code 1 during probation";
 
 fn plan_of(release: &Release) -> StackPlan {
-    let services = release
-        .services
-        .iter()
-        .map(|service| PlannedService { service: service.service.clone(), image: service.image.clone() })
-        .collect();
+    let services = release.services.iter().map(|service| PlannedService { service: service.service.clone(), image: service.image.clone() }).collect();
     StackPlan { services }
 }
 
@@ -400,12 +383,7 @@ impl GoldenRecorder {
     }
 
     fn meta(&self) -> RecordMeta {
-        RecordMeta {
-            boot_id: self.boot_id,
-            monotonic_ms: self.monotonic_ms,
-            wall_ms: self.boot_wall_ms + self.monotonic_ms,
-            clock_synced: self.clock_synced,
-        }
+        RecordMeta { boot_id: self.boot_id, monotonic_ms: self.monotonic_ms, wall_ms: self.boot_wall_ms + self.monotonic_ms, clock_synced: self.clock_synced }
     }
 
     fn wait(&mut self, seconds: u64) {
@@ -428,10 +406,7 @@ impl GoldenRecorder {
     }
 
     fn handle(&mut self, event: StackEvents) {
-        let step = self
-            .machine
-            .handle(event, StackFacts { boot_id: self.boot_id })
-            .expect("every event of the golden scenario is one its state takes");
+        let step = self.machine.handle(event, StackFacts { boot_id: self.boot_id }).expect("every event of the golden scenario is one its state takes");
         let meta = self.meta();
         let machine = MachineKind::Stack.code();
         let mut records = vec![Record::Transition(TransitionRecord {
@@ -512,12 +487,7 @@ fn write_golden_scenario(directory: &Path) {
 /// Runs `autoupdate replay` on the journal in `directory` and returns its
 /// standard output.
 fn run_replay(directory: &Path) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_autoupdate"))
-        .arg("replay")
-        .arg("--journal")
-        .arg(directory)
-        .output()
-        .expect("the autoupdate binary runs");
+    let output = Command::new(env!("CARGO_BIN_EXE_autoupdate")).arg("replay").arg("--journal").arg(directory).output().expect("the autoupdate binary runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "autoupdate replay failed with {}: {stderr}", output.status);
     String::from_utf8(output.stdout).expect("replay prints UTF-8")
@@ -565,18 +535,12 @@ fn golden_v1_final_state_matches() {
         running: Some(golden_release_applied()),
         known_good: Some(golden_release_applied()),
         attempt: None,
-        rejected: Some(Rejection {
-            commit: golden_release_rolled_back().commit,
-            reason: GOLDEN_PROBATION_FAILURE.to_string(),
-        }),
+        rejected: Some(Rejection { commit: golden_release_rolled_back().commit, reason: GOLDEN_PROBATION_FAILURE.to_string() }),
         resumes: 0,
         transient_failures: 0,
         attempts_started: 3,
         needs_attention: None,
-        last_outcome: Some(Outcome::RolledBack {
-            failed: golden_release_rolled_back().commit,
-            restored: golden_release_applied().commit,
-        }),
+        last_outcome: Some(Outcome::RolledBack { failed: golden_release_rolled_back().commit, restored: golden_release_applied().commit }),
         factory_resets: 0,
         factory_reset_reason: None,
     };
@@ -708,8 +672,7 @@ struct Fill {
 /// and a lease confirmation through `holder`, which holds lease epoch 1.
 fn fill_with_compactions(directory: &Path, holder: &mut Journal) -> Fill {
     let path = journal_path(directory);
-    let mut fill =
-        Fill { records: Vec::new(), transitions: Vec::new(), compactions: 0, transitions_since_compaction: 0, last_compaction_at: 0 };
+    let mut fill = Fill { records: Vec::new(), transitions: Vec::new(), compactions: 0, transitions_since_compaction: 0, last_compaction_at: 0 };
     let mut generation = current_header(&path).generation;
 
     for index in 1..=FILL_APPENDS {
@@ -791,10 +754,7 @@ fn compaction_preserves_state_and_history() {
     assert_eq!(reader.state().dropped_transitions, dropped as u64, "dropped transitions counted by the reader");
     assert_eq!(text.lines().next(), Some(format!("({dropped} earlier transitions were compacted away)").as_str()), "first replay line");
     let replayed: Vec<(String, u32)> = entries.iter().map(|entry| (entry.machine.clone(), entry.attempt)).collect();
-    let latest: Vec<(String, u32)> = fill.transitions[dropped..]
-        .iter()
-        .map(|transition| (describe_machine(transition.machine), transition.attempt))
-        .collect();
+    let latest: Vec<(String, u32)> = fill.transitions[dropped..].iter().map(|transition| (describe_machine(transition.machine), transition.attempt)).collect();
     assert_eq!(replayed, latest, "replay lists the latest transitions in order");
 }
 

@@ -18,22 +18,17 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use eventpi_autoupdate::journal::record::{
-    ApplyHoldRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, MachineErrorRecord, MachineStateRecord, NotificationDeliveredRecord, NotificationDroppedRecord,
-    NotificationRecord, OutboxCountersRecord, SelfUpdateMemoryRecord, SpaceMemoryRecord, StackMemoryRecord, TransitionRecord, tag,
+    ApplyHoldRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, MachineErrorRecord, MachineStateRecord, NotificationDeliveredRecord,
+    NotificationDroppedRecord, NotificationRecord, OutboxCountersRecord, SelfUpdateMemoryRecord, SpaceMemoryRecord, StackMemoryRecord, TransitionRecord, tag,
 };
 use eventpi_autoupdate::journal::{Journal, JournalState, ReadStats, Record, RecordMeta, frame};
 use eventpi_autoupdate::machine::MachineKind;
-use eventpi_autoupdate::machine::host::{
-    HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostSettings, HostState, JobKind, JobReport, JobStatus,
-};
+use eventpi_autoupdate::machine::host::{HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostSettings, HostState, JobKind, JobReport, JobStatus};
 use eventpi_autoupdate::machine::selfupdate::{
-    BootTime, ContainerRef, SelfUpdateEvents, SelfUpdateFacts, SelfUpdateMachine, SelfUpdateMemory, SelfUpdateSettings, SelfUpdateState,
-    Target,
+    BootTime, ContainerRef, SelfUpdateEvents, SelfUpdateFacts, SelfUpdateMachine, SelfUpdateMemory, SelfUpdateSettings, SelfUpdateState, Target,
 };
 use eventpi_autoupdate::machine::space::{Marks, Moment, Reading, Role, Sample, SpaceEvents, SpaceMachine, SpaceMemory, SpaceSettings, SpaceState};
-use eventpi_autoupdate::machine::stack::{
-    PlannedService, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings, StackState,
-};
+use eventpi_autoupdate::machine::stack::{PlannedService, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings, StackState};
 use eventpi_autoupdate::model::{CommitId, Digest, Failure, Release, ServiceImage};
 
 use support::*;
@@ -229,8 +224,7 @@ fn run_self_update(recorder: &mut Recorder) {
             let meta = recorder.meta();
             recorder.append(vec![Record::LeaseAbort(LeaseAbortRecord { meta, epoch: recorder.epoch + 1 })]);
         }
-        let memory =
-            Record::SelfUpdateMemory(SelfUpdateMemoryRecord { meta: RecordMeta::default(), epoch: recorder.epoch, memory: machine.memory().clone() });
+        let memory = Record::SelfUpdateMemory(SelfUpdateMemoryRecord { meta: RecordMeta::default(), epoch: recorder.epoch, memory: machine.memory().clone() });
         let failure = step.failure.map(|failure| failure.message);
         recorder.transition(MachineKind::SelfUpdate, (step.from.code(), step.event.code(), step.to.code()), step.attempt, memory, failure);
     }

@@ -8,15 +8,15 @@
 
 use eventpi_autoupdate::machine::MachineTable;
 use eventpi_autoupdate::machine::host::{
-    BootReport, HOST_TABLE, HostEvent, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostSettings, HostState, Interruption, JobKind,
-    JobReport, JobStatus, KernelReport, RebootCheck,
+    BootReport, HOST_TABLE, HostEvent, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostSettings, HostState, Interruption, JobKind, JobReport,
+    JobStatus, KernelReport, RebootCheck,
 };
 use eventpi_autoupdate::machine::selfupdate::{
     Acceptance, BootTime, ContainerRef, RetireReport, SELF_UPDATE_TABLE, SelfUpdateEvent, SelfUpdateEvents, SelfUpdateFacts, SelfUpdateMachine,
     SelfUpdateMemory, SelfUpdateSettings, SelfUpdateState, Target,
 };
 use eventpi_autoupdate::machine::space::{
-    Marks, Moment, ReclaimReport, Reading, Role, SPACE_TABLE, Sample, SpaceEvent, SpaceEvents, SpaceMachine, SpaceMemory, SpaceSettings, SpaceState,
+    Marks, Moment, Reading, ReclaimReport, Role, SPACE_TABLE, Sample, SpaceEvent, SpaceEvents, SpaceMachine, SpaceMemory, SpaceSettings, SpaceState,
 };
 use eventpi_autoupdate::machine::stack::{
     PlannedService, STACK_TABLE, StackEvent, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings, StackState,
@@ -256,7 +256,9 @@ impl Subject for Host {
             9 => HostEvents::JobFinished(job_report(JobKind::Upgrade, JobStatus::Succeeded)),
             10 => HostEvents::JobFinished(job_report(JobKind::Upgrade, JobStatus::Failed { exit_code: 100 })),
             11 => HostEvents::JobFinished(job_report(JobKind::Upgrade, JobStatus::Lost)),
-            12 => HostEvents::RebootRequired(RebootCheck { boot_id: BOOT_A.into(), kernels: kernels("6.6.51+rpt-rpi-v8"), reasons: vec!["linux-image".into()] }),
+            12 => {
+                HostEvents::RebootRequired(RebootCheck { boot_id: BOOT_A.into(), kernels: kernels("6.6.51+rpt-rpi-v8"), reasons: vec!["linux-image".into()] })
+            }
             13 => HostEvents::RebootNotRequired,
             14 => HostEvents::RebootIssued,
             15 => HostEvents::BootVerified(BootReport { boot_id: BOOT_B.into(), kernels: kernels("6.6.62+rpt-rpi-v8") }),

@@ -162,7 +162,9 @@ fn full_disk_outranks_healthy_and_clears() {
     assert!(written.is_err(), "the tmpfs is full");
     wait_until("the LED to show no space", STEP_TIMEOUT, Some(&agent), || led_timeline(&agent).last().is_some_and(|(led, _)| led == Condition::NoSpace.name()));
     std::fs::remove_file(&filler).unwrap();
-    wait_until("the LED to show healthy again", STEP_TIMEOUT, Some(&agent), || led_timeline(&agent).last().is_some_and(|(led, _)| led == Condition::Healthy.name()));
+    wait_until("the LED to show healthy again", STEP_TIMEOUT, Some(&agent), || {
+        led_timeline(&agent).last().is_some_and(|(led, _)| led == Condition::Healthy.name())
+    });
 
     let timeline = led_timeline(&agent);
     let no_space = timeline.iter().find(|(led, _)| led == Condition::NoSpace.name()).expect("no space was shown");
@@ -212,7 +214,14 @@ fn factory_reset_works_offline() {
     assert!(shown.contains(&Condition::ResetArmed.name().to_string()), "{shown:?}");
     assert!(shown.contains(&Condition::ResetRunning.name().to_string()), "{shown:?}");
     let steps: Vec<(String, String)> = factory_transitions(&agent).into_iter().map(|transition| (transition.from, transition.to)).collect();
-    let expected = [("Idle", "Armed"), ("Armed", "StoppingStack"), ("StoppingStack", "Restoring"), ("Restoring", "RunningScript"), ("RunningScript", "StartingFactory"), ("StartingFactory", "Idle")];
+    let expected = [
+        ("Idle", "Armed"),
+        ("Armed", "StoppingStack"),
+        ("StoppingStack", "Restoring"),
+        ("Restoring", "RunningScript"),
+        ("RunningScript", "StartingFactory"),
+        ("StartingFactory", "Idle"),
+    ];
     let expected: Vec<(String, String)> = expected.iter().map(|(from, to)| (from.to_string(), to.to_string())).collect();
     assert_eq!(steps, expected);
 }
@@ -250,7 +259,8 @@ fn long_press_during_update_waits_for_it() {
     let (agent, _first, _factory) = agent_with_factory(&world, "probation = \"15s\"");
     let web_v2 = push_image(&world.registry, "web", "v2", Behaviour::Serve);
     let second = world.repo.commit("web v2", &[("compose.yaml", &compose_file(&[("web", &web_v2)]))]);
-    let in_probation = || agent.replay().iter().any(|transition| transition.machine == "stack" && transition.to == "Probation" && transition.from == "Applying");
+    let in_probation =
+        || agent.replay().iter().any(|transition| transition.machine == "stack" && transition.to == "Probation" && transition.from == "Applying");
     wait_until("the update to reach its probation", STEP_TIMEOUT, Some(&agent), in_probation);
 
     press(&agent, "long");

@@ -145,7 +145,8 @@ fn check_leftovers(agent: &Agent, world: &World, outcome: Outcome) -> Result<(),
     if outcome != Outcome::Reset {
         // The journal can show the end state before the resumed step removes
         // the previous release's keep-tag, so the count may take a moment.
-        let list_keep_tags = || run("docker", &["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=autoupdate-keep/{}:*", world.project)]);
+        let list_keep_tags =
+            || run("docker", &["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=autoupdate-keep/{}:*", world.project)]);
         let deadline = std::time::Instant::now() + KEEP_TAG_SETTLE;
         let mut keep_tags = list_keep_tags();
         while keep_tags.lines().count() != 1 && std::time::Instant::now() < deadline {
@@ -189,17 +190,19 @@ fn kill_at_every_state_recovers() {
     let next_case = Mutex::new(0usize);
     std::thread::scope(|scope| {
         for _ in 0..PARALLEL_CASES {
-            scope.spawn(|| loop {
-                let index = {
-                    let mut next = next_case.lock().unwrap();
-                    let index = *next;
-                    *next += 1;
-                    index
-                };
-                let Some(case) = cases.get(index) else { break };
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(case, index)))
-                    .unwrap_or_else(|panic| Err(panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "the case panicked".into())));
-                results.lock().unwrap().push((index, result));
+            scope.spawn(|| {
+                loop {
+                    let index = {
+                        let mut next = next_case.lock().unwrap();
+                        let index = *next;
+                        *next += 1;
+                        index
+                    };
+                    let Some(case) = cases.get(index) else { break };
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(case, index)))
+                        .unwrap_or_else(|panic| Err(panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "the case panicked".into())));
+                    results.lock().unwrap().push((index, result));
+                }
             });
         }
     });

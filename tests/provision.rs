@@ -39,9 +39,7 @@ fn tool(program: &str) -> Command {
 
 /// Runs a command and panics with its output unless it exits with status 0.
 fn run(command: &mut Command) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|error| panic!("{command:?} did not start: {error}; install the tools with scripts/setup-host.sh"));
+    let output = command.output().unwrap_or_else(|error| panic!("{command:?} did not start: {error}; install the tools with scripts/setup-host.sh"));
     assert!(
         output.status.success(),
         "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -141,10 +139,8 @@ fn tree_manifest(root: &Path) -> BTreeMap<PathBuf, String> {
 }
 
 fn directory_listing(directory: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(directory)
-        .expect("read directory")
-        .map(|entry| entry.expect("directory entry").file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        fs::read_dir(directory).expect("read directory").map(|entry| entry.expect("directory entry").file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -237,11 +233,7 @@ impl Fixture {
     }
 
     fn provision(&self, arguments: &[&str]) -> Output {
-        Command::new(SCRIPT)
-            .args(arguments)
-            .arg(&self.image)
-            .output()
-            .unwrap_or_else(|error| panic!("{SCRIPT} did not start: {error}"))
+        Command::new(SCRIPT).args(arguments).arg(&self.image).output().unwrap_or_else(|error| panic!("{SCRIPT} did not start: {error}"))
     }
 
     /// Copies a partition of the image into a file of its own in the scratch directory.
@@ -313,11 +305,7 @@ fn read_partition_table(image: &Path) -> PartitionTable {
             }
         })
         .collect();
-    PartitionTable {
-        label: table["label"].as_str().expect("label").to_string(),
-        id: table["id"].as_str().expect("disk id").to_string(),
-        partitions,
-    }
+    PartitionTable { label: table["label"].as_str().expect("label").to_string(), id: table["id"].as_str().expect("disk id").to_string(), partitions }
 }
 
 /// Returns a `Name: value` field from the superblock of an ext4 filesystem file.
@@ -332,11 +320,7 @@ fn superblock_field(filesystem: &Path, name: &str) -> String {
 /// Lists the names in a directory of an ext4 filesystem file with debugfs.
 fn ext4_directory_names(filesystem: &Path, directory: &str) -> Vec<String> {
     let text = run_stdout(tool("debugfs").args(["-R", &format!("ls -p {directory}")]).arg(filesystem).stderr(Stdio::null()));
-    let mut names: Vec<String> = text
-        .lines()
-        .filter_map(|line| line.split('/').nth(5).map(str::to_string))
-        .filter(|name| !name.is_empty())
-        .collect();
+    let mut names: Vec<String> = text.lines().filter_map(|line| line.split('/').nth(5).map(str::to_string)).filter(|name| !name.is_empty()).collect();
     names.sort();
     names
 }

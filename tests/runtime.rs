@@ -23,10 +23,7 @@ fn agent_with(world: &World, extra_stack: &str, extra_sections: &str) -> Agent {
 }
 
 fn kinds(received: &[support::Received]) -> Vec<String> {
-    received
-        .iter()
-        .map(|request| serde_json::from_str::<serde_json::Value>(&request.body).unwrap()["kind"].as_str().unwrap().to_string())
-        .collect()
+    received.iter().map(|request| serde_json::from_str::<serde_json::Value>(&request.body).unwrap()["kind"].as_str().unwrap().to_string()).collect()
 }
 
 fn assert_signed(request: &support::Received) {
@@ -242,10 +239,8 @@ fn update_now_prints_progress() {
 
     let missing = format!("{}/web:v9", world.registry.address());
     world.repo.commit("web v9", &[("compose.yaml", &compose_file(&[("web", &missing)]))]);
-    let rejected = std::process::Command::new(env!("CARGO_BIN_EXE_autoupdate"))
-        .args(["update-now", "--config", agent.config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let rejected =
+        std::process::Command::new(env!("CARGO_BIN_EXE_autoupdate")).args(["update-now", "--config", agent.config.to_str().unwrap()]).output().unwrap();
     assert_eq!(rejected.status.code(), Some(1), "a rejected commit makes update-now fail");
     assert!(String::from_utf8_lossy(&rejected.stdout).contains("does not exist"), "{}", String::from_utf8_lossy(&rejected.stdout));
 

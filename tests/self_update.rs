@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use eventpi_autoupdate::machine::selfupdate::SELF_UPDATE_TABLE;
-use serde_json::Value;
 use fleet::{Fleet, HANDOVER_PORT, base_image, container_log, docker_try, inspect, kill_main_process};
+use serde_json::Value;
 use support::{Tmpfs, run, wait_until};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -34,7 +34,13 @@ fn mounts_of(container: &Value) -> BTreeSet<(String, String, bool)> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|mount| (mount["Source"].as_str().unwrap_or_default().to_string(), mount["Destination"].as_str().unwrap_or_default().to_string(), mount["RW"].as_bool().unwrap_or(false)))
+        .map(|mount| {
+            (
+                mount["Source"].as_str().unwrap_or_default().to_string(),
+                mount["Destination"].as_str().unwrap_or_default().to_string(),
+                mount["RW"].as_bool().unwrap_or(false),
+            )
+        })
         .collect()
 }
 
@@ -135,19 +141,11 @@ fn update_replaces_agent_container() {
     assert_eq!(audit.confirmed.iter().map(|confirmed| confirmed.epoch).collect::<Vec<_>>(), vec![2]);
     assert!(audit.overlaps().is_empty(), "{:?}", audit.overlaps());
     let steps: Vec<(String, u64)> = audit.steps.iter().map(|step| (step.to.clone(), step.epoch)).collect();
-    let expected: Vec<(String, u64)> = [
-        ("Checking", 1),
-        ("Pulling", 1),
-        ("Creating", 1),
-        ("Starting", 1),
-        ("HandingOver", 1),
-        ("Probation", 2),
-        ("Retiring", 2),
-        ("Idle", 2),
-    ]
-    .iter()
-    .map(|(state, epoch)| (state.to_string(), *epoch))
-    .collect();
+    let expected: Vec<(String, u64)> =
+        [("Checking", 1), ("Pulling", 1), ("Creating", 1), ("Starting", 1), ("HandingOver", 1), ("Probation", 2), ("Retiring", 2), ("Idle", 2)]
+            .iter()
+            .map(|(state, epoch)| (state.to_string(), *epoch))
+            .collect();
     assert_eq!(steps, expected);
     wait_until("the status to show the update", Duration::from_secs(10), None, || fleet.status().contains(&format!("updated to image {digest}")));
 }
@@ -174,7 +172,11 @@ fn update_now_self_streams_progress() {
     let status = run("docker", &["exec", new["Id"].as_str().unwrap(), "/autoupdate", "status", "--config", "/etc/eventpi/autoupdate.toml"]);
     assert!(status.contains("self-update: Idle"), "{status}");
     assert!(status.contains(&format!("last outcome: updated to image {digest}")), "{status}");
-    assert!(status.contains(&format!("holder container:{}", short(new["Id"].as_str().unwrap()))) || status.contains(&format!("held by container:{}", short(new["Id"].as_str().unwrap()))), "{status}");
+    assert!(
+        status.contains(&format!("holder container:{}", short(new["Id"].as_str().unwrap())))
+            || status.contains(&format!("held by container:{}", short(new["Id"].as_str().unwrap()))),
+        "{status}"
+    );
 }
 
 #[test]
@@ -301,7 +303,24 @@ fn killed_candidate_is_cleaned_up() {
     for (name, agent) in [(&orphan, agent_label.as_str()), (&foreign, "eventpi.autoupdate.agent=eventpi-test-someone-else")] {
         run(
             "docker",
-            &["run", "--detach", "--name", name, "--label", "eventpi.test=1", "--label", &fleet_label, "--label", "eventpi.autoupdate.candidate=7", "--label", agent, "--entrypoint", "sleep", base_image(), "600"],
+            &[
+                "run",
+                "--detach",
+                "--name",
+                name,
+                "--label",
+                "eventpi.test=1",
+                "--label",
+                &fleet_label,
+                "--label",
+                "eventpi.autoupdate.candidate=7",
+                "--label",
+                agent,
+                "--entrypoint",
+                "sleep",
+                base_image(),
+                "600",
+            ],
         );
     }
     kill_main_process(&old);
@@ -320,9 +339,7 @@ fn handover_api_rejects_bad_requests() {
     let candidate = format!("{}-update-1", fleet.agent_name);
 
     let digest = fleet.push_version("v2", None);
-    wait_until("the candidate to serve the handover API", STEP_TIMEOUT, None, || {
-        container_log(&candidate).contains("candidate: serving the handover API")
-    });
+    wait_until("the candidate to serve the handover API", STEP_TIMEOUT, None, || container_log(&candidate).contains("candidate: serving the handover API"));
     let candidate_info = inspect(&candidate).unwrap();
     let environment: Vec<String> = serde_json::from_value(candidate_info["Config"]["Env"].clone()).unwrap();
     let token = environment.iter().find_map(|entry| entry.strip_prefix("AUTOUPDATE_HANDOVER_TOKEN=")).expect("the candidate's token").to_string();
@@ -393,7 +410,12 @@ fn unrelated_containers_are_untouched() {
             }
             // Another agent's candidate.
             2 => {
-                arguments.extend(["--label".into(), "eventpi.autoupdate.candidate=1".into(), "--label".into(), "eventpi.autoupdate.agent=eventpi-test-other".into()]);
+                arguments.extend([
+                    "--label".into(),
+                    "eventpi.autoupdate.candidate=1".into(),
+                    "--label".into(),
+                    "eventpi.autoupdate.agent=eventpi-test-other".into(),
+                ]);
                 (support::BASE_IMAGE.into(), vec!["sleep", "600"])
             }
             // On the handover network.
@@ -541,7 +563,9 @@ struct KillCase {
 /// reaches, each in the agent that reaches it during an update.
 fn kill_cases_for(state: &'static str) -> Vec<KillCase> {
     let case = |point, victim, failing_version, expected| KillCase { state, point, victim, failing_version, expected };
-    let both = |victim, failing_version, expected| vec![case("after-persist", victim, failing_version, expected), case("before-command", victim, failing_version, expected)];
+    let both = |victim, failing_version, expected| {
+        vec![case("after-persist", victim, failing_version, expected), case("before-command", victim, failing_version, expected)]
+    };
     match state {
         // Idle waits for the next check and runs no command of its own.
         "Idle" => vec![case("after-persist", Victim::New, false, Outcome::Updated)],
@@ -588,8 +612,11 @@ fn run_kill_case(case: &KillCase) -> Result<(), String> {
     let reached = loop {
         let idle = fleet.machine().is_some_and(|(state, _)| state == "Idle");
         let containers = fleet.agent_containers();
-        let updated = containers.len() == 1 && containers[0]["Id"] != old && labels_of(&containers[0]).get("eventpi.test.version").map(String::as_str) == Some("v2");
-        let failed = fleet.machine().is_some_and(|(_, memory)| memory.failure_of(&digest.parse().unwrap()).is_some()) && containers.len() == 1 && containers[0]["Id"] == old;
+        let updated =
+            containers.len() == 1 && containers[0]["Id"] != old && labels_of(&containers[0]).get("eventpi.test.version").map(String::as_str) == Some("v2");
+        let failed = fleet.machine().is_some_and(|(_, memory)| memory.failure_of(&digest.parse().unwrap()).is_some())
+            && containers.len() == 1
+            && containers[0]["Id"] == old;
         if idle && updated && containers[0]["Name"] == format!("/{}", fleet.agent_name) {
             break Some(Outcome::Updated);
         }

@@ -48,7 +48,9 @@ fn round() -> Round {
     fleet.push_version("v2", None);
 
     run("docker", &["exec", &old, "/autoupdate", "update-now", "--self", "--config", "/etc/eventpi/autoupdate.toml"]);
-    wait_until("the old agent to be removed", Duration::from_secs(120), None, || inspect(&old).is_none() && fleet.machine().is_some_and(|(state, _)| state == "Idle"));
+    wait_until("the old agent to be removed", Duration::from_secs(120), None, || {
+        inspect(&old).is_none() && fleet.machine().is_some_and(|(state, _)| state == "Idle")
+    });
 
     let audit = fleet.audit();
     let step = |to: &str| audit.first_step_to(to).unwrap_or_else(|| panic!("no step to {to}: {:?}", audit.steps)).monotonic_ms;

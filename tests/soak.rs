@@ -119,9 +119,8 @@ fn leaks(agent: &Agent, project: &str) -> Vec<String> {
     if state.join("staging").exists() {
         found.push("the staging directory was left behind".into());
     }
-    let temporary: Vec<String> = std::fs::read_dir(&state)
-        .map(|entries| entries.flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    let temporary: Vec<String> =
+        std::fs::read_dir(&state).map(|entries| entries.flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
     for name in temporary.iter().filter(|name| name.ends_with(".tmp") || name.ends_with(".new")) {
         found.push(format!("temporary file {name} in {}", state.display()));
     }
@@ -234,7 +233,11 @@ fn soak_stack_updates() {
         }
         if !reached {
             let log = save_log(&agent, round);
-            failures.push(format!("round {round} ({fault:?}, commit {}): no end state in {ROUND_TIMEOUT:?}; agent log in {log}\n{}", &commit[..12], agent.log_tail()));
+            failures.push(format!(
+                "round {round} ({fault:?}, commit {}): no end state in {ROUND_TIMEOUT:?}; agent log in {log}\n{}",
+                &commit[..12],
+                agent.log_tail()
+            ));
             continue;
         }
         // The old keep-tag goes after the new known-good commit is
@@ -274,7 +277,10 @@ fn soak_stack_updates() {
     println!("failures: {}, rounds with leaks: {}", failures.len(), leaked.len());
     println!("good commits rolled back after a kill: {} (rounds {killed_and_rolled_back:?})", killed_and_rolled_back.len());
     println!("agent RSS: {rss_start} KiB after the first update, {rss_end} KiB at the end, {rss_max} KiB at most");
-    println!("agent restarts by SIGKILL: {restarts}, the last in round {last_restart_round}, so the end figure is of a process that ran {} rounds", updates - last_restart_round);
+    println!(
+        "agent restarts by SIGKILL: {restarts}, the last in round {last_restart_round}, so the end figure is of a process that ran {} rounds",
+        updates - last_restart_round
+    );
     assert!(!status.contains("skipped while reading"), "the journal has damaged records:\n{status}");
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(leaked.is_empty(), "{}", leaked.join("\n"));

@@ -19,7 +19,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use eventpi_autoupdate::driver::space::read_filesystem;
-use support::{Agent, Tmpfs, Webhook, World, compose_file, count_transitions, notifications_section, project_containers, push_large_image, run, unmount, wait_until};
+use support::{
+    Agent, Tmpfs, Webhook, World, compose_file, count_transitions, notifications_section, project_containers, push_large_image, run, unmount, wait_until,
+};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(150);
 const SECRET: &str = "space-test-secret";
@@ -142,7 +144,11 @@ fn container_state(agent: &Agent, service: &str) -> String {
 
 /// Counts the space guard's transitions `from --event--> to`.
 fn guard_transitions(agent: &Agent, from: &str, event: &str, to: &str) -> usize {
-    agent.replay().iter().filter(|transition| transition.machine == "space-guard" && transition.from == from && transition.event == event && transition.to == to).count()
+    agent
+        .replay()
+        .iter()
+        .filter(|transition| transition.machine == "space-guard" && transition.from == from && transition.event == event && transition.to == to)
+        .count()
 }
 
 fn notification_messages(webhook: &Webhook) -> Vec<(String, String)> {
@@ -205,7 +211,12 @@ fn recorder_stops_once_and_resumes() {
     assert_eq!(held, "exited", "the recorder stays stopped while free space oscillates around the stop mark");
     assert!(status.contains("recorder held stopped (service recorder)"), "{status}");
     assert!(status.contains("recordings filesystem"), "{status}");
-    let guard: Vec<String> = agent.replay().iter().filter(|transition| transition.machine == "space-guard").map(|transition| format!("{} {} {}", transition.from, transition.event, transition.to)).collect();
+    let guard: Vec<String> = agent
+        .replay()
+        .iter()
+        .filter(|transition| transition.machine == "space-guard")
+        .map(|transition| format!("{} {} {}", transition.from, transition.event, transition.to))
+        .collect();
     assert_eq!(guard_transitions(&agent, "Watching", "Sampled", "StoppingRecorder"), 1, "one stop: {guard:?}");
     assert_eq!(guard_transitions(&agent, "StartingRecorder", "RecorderStarted", "Watching"), 1, "one start: {guard:?}");
     assert_eq!(container_state(&agent, "web"), "running", "other services keep running");
@@ -229,7 +240,8 @@ fn held_recorder_stays_stopped_through_update() {
     let second = world.repo.commit("web v2", &[("compose.yaml", &compose_file(&[("web", &web_v2), ("recorder", &recorder)]))]);
     wait_until("the update to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&second));
     let recorder_after_update = container_state(&agent, "recorder");
-    let web_image = project_containers(&agent.project).into_iter().find(|container| container.service == "web").map(|container| container.image).unwrap_or_default();
+    let web_image =
+        project_containers(&agent.project).into_iter().find(|container| container.service == "web").map(|container| container.image).unwrap_or_default();
     std::thread::sleep(Duration::from_secs(2));
     let recorder_later = container_state(&agent, "recorder");
     set_free_percent(&recordings.path, 50.0);
@@ -249,7 +261,11 @@ fn inode_exhaustion_reported_as_inodes() {
     let recordings = LoopExt4::mount(16, 64);
     let webhook = Webhook::start();
     let secrets = tempfile::tempdir().unwrap();
-    let sections = format!("{}\n{}", space_section(&world, &format!("[space.recordings]\npath = \"{}\"\n", recordings.path.display())), notifications_section(secrets.path(), &webhook, SECRET));
+    let sections = format!(
+        "{}\n{}",
+        space_section(&world, &format!("[space.recordings]\npath = \"{}\"\n", recordings.path.display())),
+        notifications_section(secrets.path(), &webhook, SECRET)
+    );
     let first = world.repo.commit("web", &[("compose.yaml", &compose_file(&[("web", &web)]))]);
     let mut agent = world.agent_with_sections("", &sections);
     agent.start();
@@ -314,7 +330,8 @@ fn cleanup_keeps_known_good_for_offline_revert() {
     assert!(agent.log().contains("reclaim finished"), "the cleanup ran");
     assert_eq!(count_transitions(&agent, "RevertProbation", "GatePassed", "Idle"), 1, "the revert passed its gate");
     assert!(agent.known_good_is(&first), "the first commit is known-good again");
-    let web_image = project_containers(&agent.project).into_iter().find(|container| container.service == "web").map(|container| container.image).unwrap_or_default();
+    let web_image =
+        project_containers(&agent.project).into_iter().find(|container| container.service == "web").map(|container| container.image).unwrap_or_default();
     assert!(web_image.starts_with(&format!("{}/web@sha256:", world.registry.address())), "{web_image}");
     assert_eq!(container_state(&agent, "web"), "running");
 }
@@ -376,7 +393,9 @@ fn cleanup_then_refuse_pull_that_does_not_fit() {
 
     let second = world.repo.commit("add a large image", &[("compose.yaml", &compose_file(&[("web", &web), ("big", &large)]))]);
     wait_until("the pull to be refused", STEP_TIMEOUT, Some(&agent), || count_transitions(&agent, "Pulling", "PullFailed", "Idle") >= 1);
-    wait_until("the refusal notification", STEP_TIMEOUT, Some(&agent), || notification_messages(&webhook).iter().any(|(_, message)| message.contains("not enough space to pull")));
+    wait_until("the refusal notification", STEP_TIMEOUT, Some(&agent), || {
+        notification_messages(&webhook).iter().any(|(_, message)| message.contains("not enough space to pull"))
+    });
 
     let status = agent.status();
     assert!(status.contains("not enough space to pull the images"), "{status}");
@@ -420,7 +439,9 @@ fn cleanup_with_every_filesystem_full() {
     let second = world.repo.commit("web v2", &[("compose.yaml", &compose_file(&[("web", &web_v2), ("recorder", &recorder)]))]);
     wait_until("the recorder to stop", STEP_TIMEOUT, Some(&agent), || container_state(&agent, "recorder") == "exited");
     wait_until("a failed step of the update to be recorded", STEP_TIMEOUT, Some(&agent), || {
-        agent.replay().iter().any(|transition| transition.machine == "stack" && transition.to == "Idle" && ["FetchFailed", "Invalid", "PullFailed"].contains(&transition.event.as_str()))
+        agent.replay().iter().any(|transition| {
+            transition.machine == "stack" && transition.to == "Idle" && ["FetchFailed", "Invalid", "PullFailed"].contains(&transition.event.as_str())
+        })
     });
     let status_while_full = agent.status();
     let transitions_while_full = agent.replay().len();
@@ -446,8 +467,9 @@ fn power_cut_while_stopping_recorder() {
     let recorder = labelled_image(&world, "recorder", "v1", true);
     let recordings = Tmpfs::mount(32);
     let first = world.repo.commit("web and recorder", &[("compose.yaml", &compose_file(&[("web", &web), ("recorder", &recorder)]))]);
-    let mut agent =
-        world.agent_with_sections("", &space_section(&world, &recordings_section(&recordings.path))).with_env("AUTOUPDATE_FAILPOINT", "space-guard:StoppingRecorder:after-persist");
+    let mut agent = world
+        .agent_with_sections("", &space_section(&world, &recordings_section(&recordings.path)))
+        .with_env("AUTOUPDATE_FAILPOINT", "space-guard:StoppingRecorder:after-persist");
     agent.start();
     wait_until("the first commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
 
@@ -458,7 +480,9 @@ fn power_cut_while_stopping_recorder() {
     agent.set_env("AUTOUPDATE_FAILPOINT", None);
     agent.start();
     wait_until("the recorder to stop after the restart", STEP_TIMEOUT, Some(&agent), || container_state(&agent, "recorder") == "exited");
-    wait_until("the guard to hold the recorder", STEP_TIMEOUT, Some(&agent), || guard_transitions(&agent, "StoppingRecorder", "RecorderStopped", "Holding") == 1);
+    wait_until("the guard to hold the recorder", STEP_TIMEOUT, Some(&agent), || {
+        guard_transitions(&agent, "StoppingRecorder", "RecorderStopped", "Holding") == 1
+    });
     set_free_percent(&recordings.path, 50.0);
     wait_until("the recorder to start again", STEP_TIMEOUT, Some(&agent), || container_state(&agent, "recorder") == "running");
 

@@ -66,7 +66,10 @@ fn keep_tags_follow_known_good() {
 
     let listed = tags();
     assert_eq!(listed.lines().count(), 1, "one keep-tag per service of the known-good commit: {listed}");
-    let image_id = run("docker", &["image", "inspect", "--format", "{{.Id}}", &format!("{}/web@{}", world.registry.address(), world.registry.manifest_digest("web", "v2"))]);
+    let image_id = run(
+        "docker",
+        &["image", "inspect", "--format", "{{.Id}}", &format!("{}/web@{}", world.registry.address(), world.registry.manifest_digest("web", "v2"))],
+    );
     assert!(image_id.contains(listed.split_whitespace().nth(1).unwrap()), "the keep-tag points at the v2 image");
     assert!(agent.checkout.parent().is_some());
 }
@@ -75,11 +78,8 @@ fn keep_tags_follow_known_good() {
 /// sleeping `seconds` in between, and exits 0.
 fn reset_script(directory: &Path, log: &Path, seconds: u32) -> std::path::PathBuf {
     let script = directory.join("factory-reset.sh");
-    std::fs::write(
-        &script,
-        format!("#!/bin/sh\necho \"start $AUTOUPDATE_RESET_REASON\" >> {log}\nsleep {seconds}\necho end >> {log}\n", log = log.display()),
-    )
-    .unwrap();
+    std::fs::write(&script, format!("#!/bin/sh\necho \"start $AUTOUPDATE_RESET_REASON\" >> {log}\nsleep {seconds}\necho end >> {log}\n", log = log.display()))
+        .unwrap();
     support::make_executable(&script);
     script
 }
@@ -258,16 +258,8 @@ fn damaged_clone_is_repaired() {
     agent.start();
     wait_until("the first commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
 
-    let kinds = [
-        "stale index.lock",
-        "garbage index",
-        "empty HEAD",
-        "empty remote ref",
-        "truncated pack",
-        "garbage config",
-        "missing .git",
-        "clone replaced by a file",
-    ];
+    let kinds =
+        ["stale index.lock", "garbage index", "empty HEAD", "empty remote ref", "truncated pack", "garbage config", "missing .git", "clone replaced by a file"];
     for (index, kind) in kinds.iter().enumerate() {
         agent.kill();
         let before = project_containers(&world.project);

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{
-    Agent, AgentSetup, Behaviour, GitServer, Registry, SshServer, StackRepo, World, compose_file, generate_ssh_key, project_containers, push_image,
-    run, wait_until,
+    Agent, AgentSetup, Behaviour, GitServer, Registry, SshServer, StackRepo, World, compose_file, generate_ssh_key, project_containers, push_image, run,
+    wait_until,
 };
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(90);
@@ -56,11 +56,7 @@ fn registry_basic_auth_pulls_and_hides_password() {
 
     let password_file = agent.directory.path().join("secrets/registry-password");
     write_file(&password_file, &format!("{password}\n"), 0o600);
-    agent.append_config(&format!(
-        "[[registry]]\nhost = \"{}\"\nusername = \"device\"\npassword_file = \"{}\"",
-        registry.address(),
-        password_file.display()
-    ));
+    agent.append_config(&format!("[[registry]]\nhost = \"{}\"\nusername = \"device\"\npassword_file = \"{}\"", registry.address(), password_file.display()));
     agent.start();
     wait_until("the commit to become known-good with credentials", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
 

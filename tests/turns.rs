@@ -104,7 +104,9 @@ fn stack_and_host_patch_take_turns() {
     assert!(host_ok, "{host_output}");
     wait_until("the stack update after the host patch", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&third));
     let replayed = agent.replay();
-    let host_done = replayed.iter().rposition(|transition| transition.machine == "host-patch" && transition.to == "Done").expect("the second host patch is done");
-    let stack_applied = replayed.iter().rposition(|transition| transition.machine == "stack" && transition.event == "PolicyAllows").expect("the third commit was applied");
+    let host_done =
+        replayed.iter().rposition(|transition| transition.machine == "host-patch" && transition.to == "Done").expect("the second host patch is done");
+    let stack_applied =
+        replayed.iter().rposition(|transition| transition.machine == "stack" && transition.event == "PolicyAllows").expect("the third commit was applied");
     assert!(host_done < stack_applied, "the stack update applied only after the host patch ended");
 }

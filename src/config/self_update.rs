@@ -94,7 +94,10 @@ pub(super) fn check(config: &SelfUpdateConfig, text: &str) -> Vec<Problem> {
     if let Some(image) = &config.image {
         match ImageReference::parse(image) {
             Ok(reference) if reference.digest.is_some() => {
-                report("image", format!("{image:?} is pinned to a digest, so it can never move: name a tag, such as registry.example.net/eventpi/autoupdate:stable"));
+                report(
+                    "image",
+                    format!("{image:?} is pinned to a digest, so it can never move: name a tag, such as registry.example.net/eventpi/autoupdate:stable"),
+                );
             }
             Ok(_) => {}
             Err(error) => report("image", error.to_string()),

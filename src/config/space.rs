@@ -192,7 +192,10 @@ fn check_filesystem(role: Role, filesystem: &FilesystemConfig, report: &mut impl
         }
     }
     if marks.resume_above_percent < marks.stop_below_percent {
-        let message = format!("{} is below stop_below_percent ({}); the resume mark must be at or above the stop mark", marks.resume_above_percent, marks.stop_below_percent);
+        let message = format!(
+            "{} is below stop_below_percent ({}); the resume mark must be at or above the stop mark",
+            marks.resume_above_percent, marks.stop_below_percent
+        );
         report(&format!("{prefix}.resume_above_percent"), message);
     }
     if marks.resume_above_inodes_percent < marks.stop_below_inodes_percent {

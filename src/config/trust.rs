@@ -54,7 +54,10 @@ pub struct RegistryConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
     /// `ssh://[user@]host[:port]/path` or `[user@]host:path`.
-    Ssh { host: String, port: Option<u16> },
+    Ssh {
+        host: String,
+        port: Option<u16>,
+    },
     Https,
     /// Plain `http://`, which would send a token in clear text.
     Http,
@@ -132,9 +135,7 @@ const HOST_KEY_TYPES: &[&str] = &[
 pub fn valid_public_key(key: &str) -> bool {
     let mut parts = key.split_whitespace();
     let (Some(key_type), Some(data)) = (parts.next(), parts.next()) else { return false };
-    HOST_KEY_TYPES.contains(&key_type)
-        && data.len() >= 16
-        && data.chars().all(|character| character.is_ascii_alphanumeric() || "+/=".contains(character))
+    HOST_KEY_TYPES.contains(&key_type) && data.len() >= 16 && data.chars().all(|character| character.is_ascii_alphanumeric() || "+/=".contains(character))
 }
 
 /// Checks the `[git]` section against `stack.repository`.
@@ -191,7 +192,9 @@ pub fn check_git(git: &GitConfig, repository: &str, text: &str) -> Vec<Problem> 
         report("git.https_username", format!("{username:?} is not a valid user name: it must be non-empty, without ':'"));
     }
 
-    for (key, path) in [("git.ssh_key_file", &git.ssh_key_file), ("git.https_token_file", &git.https_token_file), ("git.allowed_signers_file", &git.allowed_signers_file)] {
+    for (key, path) in
+        [("git.ssh_key_file", &git.ssh_key_file), ("git.https_token_file", &git.https_token_file), ("git.allowed_signers_file", &git.allowed_signers_file)]
+    {
         if let Some(path) = path
             && !path.is_absolute()
         {
@@ -216,7 +219,13 @@ pub fn check_registries(registries: &[RegistryConfig], text: &str) -> Vec<Proble
 
         let host = registry.host.trim();
         if host.is_empty() || host.contains("://") || host.contains('/') || host.contains(char::is_whitespace) {
-            report("host", format!("{:?} is not a registry host: write it as image references do, for example \"registry.example.net\" or \"127.0.0.1:5000\"", registry.host));
+            report(
+                "host",
+                format!(
+                    "{:?} is not a registry host: write it as image references do, for example \"registry.example.net\" or \"127.0.0.1:5000\"",
+                    registry.host
+                ),
+            );
         }
         if seen.contains(&host) {
             report("host", format!("{host:?} has another [[registry]] entry above; keep one per host"));

@@ -59,11 +59,14 @@ pub async fn send(endpoint: &Endpoint, method: Method, path: &str, body: Option<
 
         let response = match endpoint {
             Endpoint::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|source| ClientError::Unreachable { endpoint: name.clone(), reason: source })?;
+                let stream =
+                    tokio::net::UnixStream::connect(path).await.map_err(|source| ClientError::Unreachable { endpoint: name.clone(), reason: source })?;
                 exchange_on(TokioIo::new(stream), request).await
             }
             Endpoint::Tcp(port) => {
-                let stream = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.map_err(|source| ClientError::Unreachable { endpoint: name.clone(), reason: source })?;
+                let stream = tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                    .await
+                    .map_err(|source| ClientError::Unreachable { endpoint: name.clone(), reason: source })?;
                 exchange_on(TokioIo::new(stream), request).await
             }
         };
@@ -88,12 +91,8 @@ where
 pub async fn call(endpoint: &Endpoint, method: Method, path: &str, body: Option<String>) -> Result<String, ClientError> {
     let response = send(endpoint, method, path, body).await?;
     let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|error| ClientError::Protocol { endpoint: endpoint.to_string(), detail: error.to_string() })?
-        .to_bytes();
+    let bytes =
+        response.into_body().collect().await.map_err(|error| ClientError::Protocol { endpoint: endpoint.to_string(), detail: error.to_string() })?.to_bytes();
     let text = String::from_utf8_lossy(&bytes).into_owned();
     if !status.is_success() {
         let message = serde_json::from_str::<serde_json::Value>(&text)

@@ -117,10 +117,7 @@ where
             let runtime = runtime.clone();
             async move { Ok::<_, Infallible>(handle(runtime, request).await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(REQUEST_TIMEOUT)
-            .serve_connection(io, service);
+        let connection = hyper::server::conn::http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(REQUEST_TIMEOUT).serve_connection(io, service);
         if let Err(error) = connection.await {
             tracing::debug!(%error, "control connection ended with an error");
         }

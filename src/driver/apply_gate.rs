@@ -68,10 +68,11 @@ impl ApplyGate {
     pub fn new(machine: MachineKind, policy: ApplyPolicy, locks: LockSources, journal: SharedJournal, seams: Seams, engine: Engine) -> ApplyGate {
         let persisted = {
             let journal = journal.lock().expect("no code panics while holding the journal lock");
-            journal.state().apply_holds.get(&machine.code()).map_or_else(Persisted::default, |hold| Persisted {
-                reason: hold.reason.clone(),
-                deferred_ms: hold.deferred_ms,
-            })
+            journal
+                .state()
+                .apply_holds
+                .get(&machine.code())
+                .map_or_else(Persisted::default, |hold| Persisted { reason: hold.reason.clone(), deferred_ms: hold.deferred_ms })
         };
         ApplyGate {
             machine,
@@ -103,12 +104,8 @@ impl ApplyGate {
         }
 
         let clock = &self.seams.clock;
-        let facts = PolicyFacts {
-            clock: WallClock { wall_ms: clock.wall_ms(), synced: clock.clock_synced() },
-            booted_since_pull,
-            lock,
-            deferred: self.deferred,
-        };
+        let facts =
+            PolicyFacts { clock: WallClock { wall_ms: clock.wall_ms(), synced: clock.clock_synced() }, booted_since_pull, lock, deferred: self.deferred };
         // The caller's reason comes first: it asks for action, and the update
         // could not be applied even if the policy allowed it.
         let decision = match (blocked, policy::decide(&self.policy, &facts)) {

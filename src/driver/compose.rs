@@ -161,10 +161,7 @@ impl Compose {
 /// Reads the services and images from `docker compose config --format json`.
 fn parse_model(json: &str) -> Result<StackPlan, ComposeError> {
     let model: serde_json::Value = serde_json::from_str(json).map_err(|error| ComposeError::BadModel(error.to_string()))?;
-    let services = model
-        .get("services")
-        .and_then(serde_json::Value::as_object)
-        .ok_or_else(|| ComposeError::BadModel("the model has no services".into()))?;
+    let services = model.get("services").and_then(serde_json::Value::as_object).ok_or_else(|| ComposeError::BadModel("the model has no services".into()))?;
 
     let mut plan = StackPlan::default();
     for (name, service) in services {
@@ -211,10 +208,8 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("pinned.json");
         let digest = Digest([7; 32]);
-        let release = Release {
-            commit: CommitId([1; 20]),
-            services: vec![ServiceImage { service: "web".into(), image: "127.0.0.1:5000/web:v2".into(), digest }],
-        };
+        let release =
+            Release { commit: CommitId([1; 20]), services: vec![ServiceImage { service: "web".into(), image: "127.0.0.1:5000/web:v2".into(), digest }] };
 
         Compose::write_override(&path, &release).unwrap();
 
@@ -226,7 +221,13 @@ mod tests {
     async fn invalid_yaml_names_file_and_line() {
         let directory = tempfile::tempdir().unwrap();
         std::fs::write(directory.path().join("compose.yaml"), "services:\n  web:\n    image: busybox\n   command: [x\n").unwrap();
-        let compose = Compose { command: vec!["docker".into(), "compose".into()], project: "unit".into(), files: vec!["compose.yaml".into()], timeout: Duration::from_secs(30), docker_host: None };
+        let compose = Compose {
+            command: vec!["docker".into(), "compose".into()],
+            project: "unit".into(),
+            files: vec!["compose.yaml".into()],
+            timeout: Duration::from_secs(30),
+            docker_host: None,
+        };
 
         let error = compose.plan(directory.path()).await.unwrap_err();
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, RenameContainerOptionsBuilder, TagImageOptionsBuilder,
+    CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, RenameContainerOptionsBuilder, TagImageOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -96,10 +96,7 @@ impl Engine {
     /// be older than bollard's default). `platform` overrides the platform
     /// that images must match; by default it is the engine's own.
     pub async fn connect(host: Option<&str>, platform: Option<Platform>) -> Result<Engine, EngineError> {
-        let host = host
-            .map(str::to_string)
-            .or_else(|| std::env::var("DOCKER_HOST").ok())
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+        let host = host.map(str::to_string).or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
         let unreachable = |source| EngineError::Unreachable { host: host.clone(), source };
 
         let socket = host.strip_prefix("unix://").unwrap_or(&host);
@@ -107,10 +104,7 @@ impl Engine {
         let docker = docker.negotiate_version().await.map_err(unreachable)?;
         let info = docker.info().await.map_err(unreachable)?;
 
-        let engine_platform = Platform::from_engine(
-            info.os_type.as_deref().unwrap_or("linux"),
-            info.architecture.as_deref().unwrap_or("unknown"),
-        );
+        let engine_platform = Platform::from_engine(info.os_type.as_deref().unwrap_or("linux"), info.architecture.as_deref().unwrap_or("unknown"));
         let platform = platform.unwrap_or(engine_platform);
         Ok(Engine { docker, host, platform, credentials: RegistryCredentials::default() })
     }
@@ -165,16 +159,18 @@ impl Engine {
                 let info = item.map_err(|error| classify_pull_error(image, error))?;
                 let status = info.status.clone().unwrap_or_default();
                 if let (Some(layer), Some(detail)) = (&info.id, &info.progress_detail)
-                    && status == "Downloading" {
-                        let current = detail.current.unwrap_or(0).max(0) as u64;
-                        let total = detail.total.unwrap_or(0).max(0) as u64;
-                        layers.insert(layer.clone(), (current, total));
-                    }
+                    && status == "Downloading"
+                {
+                    let current = detail.current.unwrap_or(0).max(0) as u64;
+                    let total = detail.total.unwrap_or(0).max(0) as u64;
+                    layers.insert(layer.clone(), (current, total));
+                }
                 if (status == "Download complete" || status == "Pull complete")
                     && let Some(layer) = &info.id
-                        && let Some(entry) = layers.get_mut(layer) {
-                            entry.0 = entry.1;
-                        }
+                    && let Some(entry) = layers.get_mut(layer)
+                {
+                    entry.0 = entry.1;
+                }
                 if last_report.elapsed() >= Duration::from_millis(250) && !layers.is_empty() {
                     let current = layers.values().map(|(current, _)| current).sum();
                     let total = layers.values().map(|(_, total)| total).sum();
@@ -193,9 +189,7 @@ impl Engine {
             progress(total, total);
             Ok::<_, EngineError>(served_digest)
         };
-        let served_digest = tokio::time::timeout(timeout, pull)
-            .await
-            .map_err(|_| EngineError::PullTimedOut { image: image.to_string(), timeout })??;
+        let served_digest = tokio::time::timeout(timeout, pull).await.map_err(|_| EngineError::PullTimedOut { image: image.to_string(), timeout })??;
 
         let inspect = self.docker.inspect_image(image).await.map_err(|source| EngineError::Api { call: "inspect image", source })?;
         self.check_platform(image, &inspect)?;
@@ -223,11 +217,7 @@ impl Engine {
         if self.platform.accepts(&image_platform) {
             return Ok(());
         }
-        Err(EngineError::WrongPlatform {
-            image: image.to_string(),
-            image_platform: image_platform.to_string(),
-            device_platform: self.platform.to_string(),
-        })
+        Err(EngineError::WrongPlatform { image: image.to_string(), image_platform: image_platform.to_string(), device_platform: self.platform.to_string() })
     }
 
     /// Tells whether the engine has an image for `reference` (a tag or a
@@ -248,7 +238,10 @@ impl Engine {
             }
         };
         let in_repository = |name: &String| {
-            let local = name.rsplit_once('@').map_or_else(|| crate::model::ImageReference::parse(name).map(|reference| reference.repository).unwrap_or_default(), |(repository, _)| repository.to_string());
+            let local = name.rsplit_once('@').map_or_else(
+                || crate::model::ImageReference::parse(name).map(|reference| reference.repository).unwrap_or_default(),
+                |(repository, _)| repository.to_string(),
+            );
             crate::model::canonical_repository(&local) == target_repository
         };
         images
@@ -289,8 +282,7 @@ impl Engine {
     pub async fn project_containers(&self, project: &str) -> Result<Vec<ContainerStatus>, EngineError> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{PROJECT_LABEL}={project}")])]);
         let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let summaries =
-            self.docker.list_containers(Some(options)).await.map_err(|source| EngineError::Api { call: "list containers", source })?;
+        let summaries = self.docker.list_containers(Some(options)).await.map_err(|source| EngineError::Api { call: "list containers", source })?;
 
         let mut containers = Vec::new();
         for summary in summaries {
@@ -351,8 +343,7 @@ impl Engine {
     pub async fn running_with_label(&self, label: &str) -> Result<Vec<String>, EngineError> {
         let filters = HashMap::from([("label".to_string(), vec![label.to_string()]), ("status".to_string(), vec!["running".to_string()])]);
         let options = ListContainersOptionsBuilder::default().filters(&filters).build();
-        let summaries =
-            self.docker.list_containers(Some(options)).await.map_err(|source| EngineError::Api { call: "list containers", source })?;
+        let summaries = self.docker.list_containers(Some(options)).await.map_err(|source| EngineError::Api { call: "list containers", source })?;
         let name_of = |names: Option<Vec<String>>| names.and_then(|names| names.into_iter().next()).unwrap_or_default().trim_start_matches('/').to_string();
         Ok(summaries.into_iter().map(|summary| name_of(summary.names)).collect())
     }
@@ -372,7 +363,9 @@ impl EngineError {
             _ => return false,
         };
         let lower = detail.to_lowercase();
-        lower.contains("certificate has expired or is not yet valid") || lower.contains("certificate is not yet valid") || lower.contains("certificate has expired")
+        lower.contains("certificate has expired or is not yet valid")
+            || lower.contains("certificate is not yet valid")
+            || lower.contains("certificate has expired")
     }
 }
 

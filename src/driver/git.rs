@@ -31,7 +31,9 @@ pub enum GitError {
     /// The ssh server presented a host key other than the pinned ones. This
     /// is not retried away: a person must check the server and, if its key
     /// changed on purpose, pin the new one.
-    #[error("git server {server} presented host key {fingerprint}, which does not match git.ssh_host_keys; updates stop until the server's key is checked and, if it changed on purpose, pinned in git.ssh_host_keys")]
+    #[error(
+        "git server {server} presented host key {fingerprint}, which does not match git.ssh_host_keys; updates stop until the server's key is checked and, if it changed on purpose, pinned in git.ssh_host_keys"
+    )]
     HostKeyChanged { server: String, fingerprint: String },
 
     /// The server refused the deploy key or the token.
@@ -184,9 +186,10 @@ impl GitMirror {
         // advertisement from the server is the whole poll.
         let fetched = self.memo().fetched_tip;
         if let Some(fetched) = fetched
-            && self.remote_tip().await? == fetched {
-                return Ok(fetched);
-            }
+            && self.remote_tip().await? == fetched
+        {
+            return Ok(fetched);
+        }
 
         let tip = match self.fetch_once().await {
             Ok(tip) => tip,
@@ -362,10 +365,7 @@ impl GitMirror {
 
         let fresh = parent.join(format!(".{name}.clone"));
         remove_path(&fresh)?;
-        let clone = self
-            .git(parent)
-            .args(["clone", "--quiet", "--no-tags", "--single-branch", "--branch", &self.branch, &self.url])
-            .arg(fresh.as_os_str());
+        let clone = self.git(parent).args(["clone", "--quiet", "--no-tags", "--single-branch", "--branch", &self.branch, &self.url]).arg(fresh.as_os_str());
         if let Err(error) = process::run(&clone).await {
             remove_path(&fresh)?;
             return Err(match self.classify(error) {
@@ -448,8 +448,7 @@ impl GitMirror {
         let temporary = self.known_good_bundle.with_extension("bundle.new");
         let create = self.git(&self.checkout).arg("bundle").arg("create").arg("--quiet").arg(temporary.as_os_str()).arg(KNOWN_GOOD_REF);
         process::run(&create).await?;
-        std::fs::rename(&temporary, &self.known_good_bundle)
-            .map_err(|source| GitError::Io { action: "rename", path: temporary.clone(), source })?;
+        std::fs::rename(&temporary, &self.known_good_bundle).map_err(|source| GitError::Io { action: "rename", path: temporary.clone(), source })?;
         Ok(())
     }
 

@@ -47,14 +47,12 @@ impl GitAccess {
     /// the pinned host keys to `<directory>/known_hosts`, replacing the file.
     pub fn prepare(credentials: &GitCredentials, repository: &str, directory: &Path) -> Result<GitAccess, GitAccessError> {
         match credentials {
-            GitCredentials::None => Ok(GitAccess {
-                environment: vec![("GIT_SSH_COMMAND".into(), "ssh -F /dev/null -o BatchMode=yes".into())],
-                ..GitAccess::default()
-            }),
+            GitCredentials::None => {
+                Ok(GitAccess { environment: vec![("GIT_SSH_COMMAND".into(), "ssh -F /dev/null -o BatchMode=yes".into())], ..GitAccess::default() })
+            }
             GitCredentials::Ssh { key_file, host_pattern, host_keys } => {
                 let known_hosts = directory.join(KNOWN_HOSTS_FILE);
-                write_known_hosts(&known_hosts, host_pattern, host_keys)
-                    .map_err(|source| GitAccessError::KnownHosts { path: known_hosts.clone(), source })?;
+                write_known_hosts(&known_hosts, host_pattern, host_keys).map_err(|source| GitAccessError::KnownHosts { path: known_hosts.clone(), source })?;
                 let command = ssh_command(key_file, &known_hosts);
                 Ok(GitAccess { environment: vec![("GIT_SSH_COMMAND".into(), command)], secrets: Vec::new(), known_hosts: Some(known_hosts) })
             }
@@ -123,11 +121,8 @@ fn https_access(repository: &str, token: &Secret, username: Option<&str>) -> Git
     };
     let header = format!("Authorization: {header_value}");
     let key = format!("http.{}.extraHeader", url_scope(repository));
-    let environment = vec![
-        ("GIT_CONFIG_COUNT".to_string(), "1".to_string()),
-        ("GIT_CONFIG_KEY_0".to_string(), key),
-        ("GIT_CONFIG_VALUE_0".to_string(), header),
-    ];
+    let environment =
+        vec![("GIT_CONFIG_COUNT".to_string(), "1".to_string()), ("GIT_CONFIG_KEY_0".to_string(), key), ("GIT_CONFIG_VALUE_0".to_string(), header)];
     let secrets = vec![token.clone(), Secret::new(header_value)];
     GitAccess { environment, secrets, known_hosts: None }
 }

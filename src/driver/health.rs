@@ -86,10 +86,7 @@ fn judge(release: &Release, containers: &[ContainerStatus], baseline: &HashMap<S
 
         for container in mine {
             if container.image != pinned {
-                return Verdict::Bad(format!(
-                    "service {} runs {} instead of the pinned {}",
-                    service.service, container.image, pinned
-                ));
+                return Verdict::Bad(format!("service {} runs {} instead of the pinned {}", service.service, container.image, pinned));
             }
             if container.state != "running" {
                 return Verdict::Bad(format!(
@@ -125,10 +122,7 @@ mod tests {
     use crate::model::{CommitId, Digest, ServiceImage};
 
     fn release() -> Release {
-        Release {
-            commit: CommitId([1; 20]),
-            services: vec![ServiceImage { service: "web".into(), image: "r:5000/web:1".into(), digest: Digest([2; 32]) }],
-        }
+        Release { commit: CommitId([1; 20]), services: vec![ServiceImage { service: "web".into(), image: "r:5000/web:1".into(), digest: Digest([2; 32]) }] }
     }
 
     fn container(state: &str, health: Option<&str>, restarts: i64) -> ContainerStatus {

@@ -19,8 +19,8 @@ use crate::journal::record::{HostMemoryRecord, MachineErrorRecord, TransitionRec
 use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
 use crate::machine::host::{
-    BootReport, HostCommand, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostOutcome, HostSettings, HostState, Interruption, JobKind,
-    JobReport, JobStatus, RebootCheck, Step,
+    BootReport, HostCommand, HostEvents, HostFacts, HostJob, HostMachine, HostMemory, HostOutcome, HostSettings, HostState, Interruption, JobKind, JobReport,
+    JobStatus, RebootCheck, Step,
 };
 use crate::model::Failure;
 use crate::notify::{Notice, Severity};
@@ -70,15 +70,7 @@ impl HostDriver {
             (state, journal.state().host_memory.clone().unwrap_or_default())
         };
         let settings = HostSettings { max_resumes: config.max_resumes, max_reboots: config.max_reboots };
-        HostDriver {
-            machine: HostMachine::restore(state, memory, settings),
-            queue: VecDeque::new(),
-            journal,
-            seams,
-            config,
-            session: None,
-            runtime: None,
-        }
+        HostDriver { machine: HostMachine::restore(state, memory, settings), queue: VecDeque::new(), journal, seams, config, session: None, runtime: None }
     }
 
     /// Runs inside the agent: reports progress and queues notifications.
@@ -313,7 +305,9 @@ impl HostDriver {
                 let holder_text = format!("{} is held by pid {} ({})", holder.path, holder.pid, holder.command);
                 if Instant::now() >= lock_deadline {
                     let wait = humantime::format_duration(self.config.dpkg_lock_wait);
-                    return HostEvents::DpkgBusy(Failure::transient(format!("{holder_text} for longer than host.dpkg_lock_wait ({wait}); the holder was left running")));
+                    return HostEvents::DpkgBusy(Failure::transient(format!(
+                        "{holder_text} for longer than host.dpkg_lock_wait ({wait}); the holder was left running"
+                    )));
                 }
                 if !reported_holder {
                     tracing::info!(machine = MACHINE, pid = holder.pid, command = %holder.command, path = %holder.path, wait = %humantime::format_duration(self.config.dpkg_lock_wait), "dpkg lock held by another process; waiting");
@@ -489,7 +483,9 @@ impl HostDriver {
         loop {
             if Instant::now() >= deadline {
                 return match last_error {
-                    Some(error) => HostEvents::Unreachable(Failure::local(format!("the host did not come back within host.boot_timeout ({timeout_text}): {error}"))),
+                    Some(error) => {
+                        HostEvents::Unreachable(Failure::local(format!("the host did not come back within host.boot_timeout ({timeout_text}): {error}")))
+                    }
                     None => HostEvents::CommandFailed(Failure::local(format!(
                         "the host still runs boot {boot_before} after host.boot_timeout ({timeout_text}); it did not reboot"
                     ))),

@@ -41,9 +41,7 @@ pub fn job_command(kind: JobKind, lock_wait: Duration) -> String {
     match kind {
         JobKind::Repair => format!("{NONINTERACTIVE}\nset -x\ndpkg --force-confdef --force-confold --configure -a\n"),
         JobKind::UpdateLists => format!("{NONINTERACTIVE}\nset -x\n{apt} update\n"),
-        JobKind::Upgrade => format!(
-            "{NONINTERACTIVE}\nset -x\n{apt} -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold full-upgrade\n"
-        ),
+        JobKind::Upgrade => format!("{NONINTERACTIVE}\nset -x\n{apt} -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold full-upgrade\n"),
     }
 }
 
@@ -142,7 +140,9 @@ pub enum JobState {
     /// The directory exists but no runner claimed it yet.
     Unclaimed,
     Running,
-    Finished { exit_code: i32 },
+    Finished {
+        exit_code: i32,
+    },
     /// Claimed, not finished, and its runner is gone.
     Lost,
 }
@@ -263,7 +263,8 @@ impl PreflightReport {
         if self.pending_updates {
             reasons.push("dpkg was interrupted (/var/lib/dpkg/updates is not empty)".to_string());
         }
-        let packages: Vec<&str> = self.audit.iter().map(|line| line.trim()).filter(|line| !line.is_empty() && !line.ends_with(':') && !line.ends_with('.')).collect();
+        let packages: Vec<&str> =
+            self.audit.iter().map(|line| line.trim()).filter(|line| !line.is_empty() && !line.ends_with(':') && !line.ends_with('.')).collect();
         if !self.audit.is_empty() {
             reasons.push(format!("dpkg --audit lists {}", if packages.is_empty() { "problems".to_string() } else { packages.join(", ") }));
         }

@@ -12,9 +12,9 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fmt;
-use std::sync::Mutex;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -174,13 +174,7 @@ pub fn last_lines(text: &str, count: usize) -> String {
 /// cannot start, times out or exits with a failure status.
 pub async fn run(spec: &CommandSpec) -> Result<Output, ProcessError> {
     let mut command = Command::new(&spec.program);
-    command
-        .args(&spec.arguments)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    command.args(&spec.arguments).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     if let Some(directory) = &spec.directory {
         command.current_dir(directory);
     }

@@ -157,7 +157,10 @@ impl SignaturePolicy {
                     "X" => SignatureError::BadSignature { commit, reason: "the signature has expired".into() },
                     "Y" => SignatureError::BadSignature { commit, reason: "the signing key has expired".into() },
                     "R" => SignatureError::BadSignature { commit, reason: "the signing key was revoked".into() },
-                    _ => SignatureError::Unverifiable { commit, detail: if detail.is_empty() { format!("git reports signature status {status:?}") } else { detail } },
+                    _ => SignatureError::Unverifiable {
+                        commit,
+                        detail: if detail.is_empty() { format!("git reports signature status {status:?}") } else { detail },
+                    },
                 })
             }
             Err(other) => Err(other.into()),
@@ -219,8 +222,11 @@ impl SignaturePolicy {
             return Ok(());
         }
 
-        let current = std::fs::read_to_string(&self.allowed_signers)
-            .map_err(|source| SignatureError::Io { action: "cannot read", path: self.allowed_signers.clone(), source })?;
+        let current = std::fs::read_to_string(&self.allowed_signers).map_err(|source| SignatureError::Io {
+            action: "cannot read",
+            path: self.allowed_signers.clone(),
+            source,
+        })?;
         let text = format!("{ADOPTED_MARKER}{commit} (committer time {time}); a signed change to {REPOSITORY_SIGNERS_PATH} replaces it.\n{content}");
         if strip_marker(&current) == content {
             return Ok(());
@@ -240,8 +246,11 @@ impl SignaturePolicy {
     /// Returns the committer time of the commit the current list came from,
     /// or 0 for a list that was provisioned by hand.
     fn adopted_time(&self) -> Result<i64, SignatureError> {
-        let text = std::fs::read_to_string(&self.allowed_signers)
-            .map_err(|source| SignatureError::Io { action: "cannot read", path: self.allowed_signers.clone(), source })?;
+        let text = std::fs::read_to_string(&self.allowed_signers).map_err(|source| SignatureError::Io {
+            action: "cannot read",
+            path: self.allowed_signers.clone(),
+            source,
+        })?;
         Ok(adopted_time_of(&text))
     }
 }
@@ -280,7 +289,9 @@ fn check_signers_text(text: &str) -> Result<(), String> {
 fn has_key(line: &str) -> bool {
     let words: Vec<&str> = line.split_whitespace().collect();
     words.windows(2).skip(1).any(|pair| {
-        SIGNER_KEY_TYPES.contains(&pair[0]) && pair[1].len() >= 16 && pair[1].chars().all(|character| character.is_ascii_alphanumeric() || "+/=".contains(character))
+        SIGNER_KEY_TYPES.contains(&pair[0])
+            && pair[1].len() >= 16
+            && pair[1].chars().all(|character| character.is_ascii_alphanumeric() || "+/=".contains(character))
     })
 }
 

@@ -216,12 +216,7 @@ impl SshClient {
 
     async fn open(&self) -> Result<SshSession, SshError> {
         let endpoint = self.settings.endpoint();
-        let config = client::Config {
-            keepalive_interval: Some(KEEPALIVE_INTERVAL),
-            keepalive_max: 3,
-            nodelay: true,
-            ..client::Config::default()
-        };
+        let config = client::Config { keepalive_interval: Some(KEEPALIVE_INTERVAL), keepalive_max: 3, nodelay: true, ..client::Config::default() };
         let rejected = Arc::new(Mutex::new(None));
         let handler = PinCheck { pinned: self.settings.host_key.clone(), rejected: rejected.clone() };
 
@@ -245,11 +240,9 @@ impl SshClient {
             .map_err(|error| SshError::Connect { endpoint: endpoint.clone(), reason: describe_russh_error(&error) })?;
         match result {
             AuthResult::Success => Ok(SshSession { handle, endpoint }),
-            AuthResult::Failure { .. } => Err(SshError::AuthenticationRejected {
-                endpoint,
-                user: self.settings.user.clone(),
-                key_file: self.settings.key_file.clone(),
-            }),
+            AuthResult::Failure { .. } => {
+                Err(SshError::AuthenticationRejected { endpoint, user: self.settings.user.clone(), key_file: self.settings.key_file.clone() })
+            }
         }
     }
 }
@@ -309,11 +302,7 @@ impl SshSession {
         if exit_status.is_none() && !ended_by_signal {
             return Err(dropped("the channel closed before the command reported its exit status".to_string()));
         }
-        Ok(RemoteOutput {
-            exit_status,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        })
+        Ok(RemoteOutput { exit_status, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr: String::from_utf8_lossy(&stderr).into_owned() })
     }
 
     /// Closes the connection. Errors are ignored because nothing follows.

@@ -23,8 +23,7 @@ use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
 use crate::machine::factory::{FactoryOutcome, FactoryResetState};
 use crate::machine::stack::{
-    ApplyPurpose, Outcome, StackCommand, StackEvent, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan,
-    StackSettings, StackState, Step,
+    ApplyPurpose, Outcome, StackCommand, StackEvent, StackEvents, StackFacts, StackMachine, StackMemory, StackPlan, StackSettings, StackState, Step,
 };
 use crate::model::{CommitId, Failure, FailureKind, Release, ServiceImage};
 use crate::notify::{Notice, Severity};
@@ -138,10 +137,7 @@ impl StackDriver {
     /// Tells whether `state` changes the device, so the machine must hold
     /// the turn while in it.
     fn changes_device(state: StackState) -> bool {
-        matches!(
-            state,
-            StackState::Applying | StackState::Probation | StackState::Reverting | StackState::RevertProbation | StackState::FactoryReset
-        )
+        matches!(state, StackState::Applying | StackState::Probation | StackState::Reverting | StackState::RevertProbation | StackState::FactoryReset)
     }
 
     async fn take_turn(&mut self, purpose: String) {
@@ -285,11 +281,7 @@ impl StackDriver {
             records.push(Record::StackMemory(StackMemoryRecord { meta, memory: memory.clone() }));
         }
         if let Some(failure) = &step.failure {
-            records.push(Record::MachineError(MachineErrorRecord {
-                meta,
-                machine: MachineKind::Stack.code(),
-                message: failure.message.clone(),
-            }));
+            records.push(Record::MachineError(MachineErrorRecord { meta, machine: MachineKind::Stack.code(), message: failure.message.clone() }));
         }
 
         let mut notices = notices_for(step, memory);
@@ -584,7 +576,9 @@ impl StackDriver {
                     tracing::warn!(machine = "stack", project = %self.compose.project, "{repair}");
                 }
             }
-            Err(error) => tracing::warn!(machine = "stack", project = %self.compose.project, %error, "cannot check for containers an interrupted compose up left; compose up may fail on a name conflict"),
+            Err(error) => {
+                tracing::warn!(machine = "stack", project = %self.compose.project, %error, "cannot check for containers an interrupted compose up left; compose up may fail on a name conflict")
+            }
         }
         match self.compose.up(&self.git.checkout, &override_file, &services).await {
             Ok(()) => StackEvents::Applied,
@@ -739,7 +733,9 @@ fn metric_outcome(step: &Step, memory: &StackMemory) -> Option<&'static str> {
     if step.attempt == 0 || step.from == StackState::Idle {
         return None;
     }
-    if step.failure.as_ref().is_some_and(|failure| failure.kind != FailureKind::Rejected) && matches!(step.from, StackState::Fetching | StackState::Validating | StackState::Pulling) {
+    if step.failure.as_ref().is_some_and(|failure| failure.kind != FailureKind::Rejected)
+        && matches!(step.from, StackState::Fetching | StackState::Validating | StackState::Pulling)
+    {
         return Some("retry");
     }
     match (step.from, &memory.last_outcome) {
@@ -797,21 +793,20 @@ fn notices_for(step: &Step, memory: &StackMemory) -> Vec<Notice> {
         }
         _ => {}
     }
-    if step.from == StackState::FactoryReset && step.to == StackState::Idle
-        && let Some(reason) = &memory.needs_attention {
-            notices.push(notice(Severity::Error, "needs-attention", reason.clone()));
-        }
+    if step.from == StackState::FactoryReset
+        && step.to == StackState::Idle
+        && let Some(reason) = &memory.needs_attention
+    {
+        notices.push(notice(Severity::Error, "needs-attention", reason.clone()));
+    }
     notices
 }
 
 /// Returns the keep-tag for one service of a commit. Docker tags allow
 /// letters, digits, `_`, `.` and `-`, up to 128 characters.
 pub fn keep_tag_name(commit: &CommitId, service: &str) -> String {
-    let service: String = service
-        .chars()
-        .map(|character| if character.is_ascii_alphanumeric() || "_.-".contains(character) { character } else { '_' })
-        .take(100)
-        .collect();
+    let service: String =
+        service.chars().map(|character| if character.is_ascii_alphanumeric() || "_.-".contains(character) { character } else { '_' }).take(100).collect();
     format!("{}-{service}", commit.short())
 }
 

@@ -124,9 +124,8 @@ pub fn scan(region: &[u8], start: usize, generation: u64) -> RegionScan<'_> {
             }
         }
 
-        let next_frame = (position + 1..region.len())
-            .filter(|&candidate| region[candidate] == SYNC)
-            .find(|&candidate| frame_at(region, candidate, generation).is_some());
+        let next_frame =
+            (position + 1..region.len()).filter(|&candidate| region[candidate] == SYNC).find(|&candidate| frame_at(region, candidate, generation).is_some());
         match next_frame {
             Some(next) => {
                 result.damaged_bytes += next - position;
@@ -134,10 +133,7 @@ pub fn scan(region: &[u8], start: usize, generation: u64) -> RegionScan<'_> {
                 position = next;
             }
             None => {
-                let last_non_zero = region
-                    .iter()
-                    .rposition(|&byte| byte != 0)
-                    .expect("region[position] is non-zero, so a non-zero byte exists");
+                let last_non_zero = region.iter().rposition(|&byte| byte != 0).expect("region[position] is non-zero, so a non-zero byte exists");
                 result.torn_bytes = last_non_zero + 1 - position;
                 break;
             }

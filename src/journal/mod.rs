@@ -340,10 +340,7 @@ impl Journal {
     /// Under the journal lock and after reading what others appended, lets
     /// `build` look at the state and return records to append. Nothing is
     /// written when `build` fails.
-    pub fn append_with<T>(
-        &mut self,
-        build: impl FnOnce(&JournalState) -> Result<(Vec<Record>, T), JournalError>,
-    ) -> Result<T, JournalError> {
+    pub fn append_with<T>(&mut self, build: impl FnOnce(&JournalState) -> Result<(Vec<Record>, T), JournalError>) -> Result<T, JournalError> {
         assert!(self.writable, "append on a journal opened with open_read_only");
         self.locked(|journal| {
             journal.refresh_locked()?;
@@ -392,12 +389,8 @@ impl Journal {
         let mut block = vec![0u8; HEADER_BLOCK as usize];
         self.file.read_exact_at(&mut block, 0).map_err(io_error(&self.path, "read header"))?;
         let slots = HEADER_SLOTS.map(|slot| Header::decode(&block[slot as usize..]));
-        let header = slots
-            .iter()
-            .flatten()
-            .max_by_key(|header| header.generation)
-            .copied()
-            .ok_or_else(|| JournalError::NoValidHeader { path: self.path.clone() })?;
+        let header =
+            slots.iter().flatten().max_by_key(|header| header.generation).copied().ok_or_else(|| JournalError::NoValidHeader { path: self.path.clone() })?;
 
         let actual = self.file.metadata().map_err(io_error(&self.path, "stat"))?.len();
         if actual != header.file_bytes() {
@@ -538,11 +531,7 @@ impl Journal {
     fn compact_locked(&mut self) -> Result<(), JournalError> {
         let meta = self.state.transitions.back().map(|transition| transition.meta).unwrap_or_default();
         let snapshot = self.state.snapshot(meta, state::KEPT_TRANSITIONS);
-        let next = Header {
-            generation: self.header.generation + 1,
-            active: 1 - self.header.active,
-            region_bytes: self.header.region_bytes,
-        };
+        let next = Header { generation: self.header.generation + 1, active: 1 - self.header.active, region_bytes: self.header.region_bytes };
         let bytes = self.encode(&snapshot, next.generation)?;
         if bytes.len() as u64 > next.region_bytes / 2 {
             return Err(JournalError::Full { bytes: bytes.len(), region: next.region_bytes });

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::machine::factory::FactoryResetMemory;
 use crate::machine::host::HostMemory;
-use crate::machine::space::SpaceMemory;
 use crate::machine::selfupdate::SelfUpdateMemory;
+use crate::machine::space::SpaceMemory;
 use crate::machine::stack::StackMemory;
 
 /// When and on which boot a record was written. Every record carries one.
@@ -349,12 +349,7 @@ mod tests {
     #[test]
     fn transition_record_is_small() {
         let record = Record::Transition(TransitionRecord {
-            meta: RecordMeta {
-                boot_id: [0xAB; 16],
-                monotonic_ms: 10 * 24 * 3600 * 1000,
-                wall_ms: 1_796_000_000_000,
-                clock_synced: true,
-            },
+            meta: RecordMeta { boot_id: [0xAB; 16], monotonic_ms: 10 * 24 * 3600 * 1000, wall_ms: 1_796_000_000_000, clock_synced: true },
             machine: 1,
             from: 6,
             event: 10,

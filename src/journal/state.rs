@@ -3,12 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::journal::record::{
-    ApplyHoldRecord, CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord,
-    MachineStateRecord, NotificationRecord, OutboxCountersRecord, Record, RecordMeta, SelfUpdateMemoryRecord, SpaceMemoryRecord,
-    StackMemoryRecord, TransitionRecord,
-};
 use crate::journal::record::FactoryResetMemoryRecord;
+use crate::journal::record::{
+    ApplyHoldRecord, CompactedRecord, HostMemoryRecord, LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, MachineStateRecord,
+    NotificationRecord, OutboxCountersRecord, Record, RecordMeta, SelfUpdateMemoryRecord, SpaceMemoryRecord, StackMemoryRecord, TransitionRecord,
+};
 use crate::machine::factory::FactoryResetMemory;
 use crate::machine::host::HostMemory;
 use crate::machine::selfupdate::SelfUpdateMemory;
@@ -221,11 +220,7 @@ impl JournalState {
             records.push(Record::SelfUpdateMemory(SelfUpdateMemoryRecord { meta, epoch: *epoch, memory: memory.clone() }));
         }
 
-        records.push(Record::OutboxCounters(OutboxCountersRecord {
-            meta,
-            delivered: self.notifications_delivered,
-            dropped: self.notifications_dropped,
-        }));
+        records.push(Record::OutboxCounters(OutboxCountersRecord { meta, delivered: self.notifications_delivered, dropped: self.notifications_dropped }));
         records.extend(self.outbox.iter().cloned().map(Record::Notification));
         let held = self.apply_holds.values().filter(|hold| !hold.reason.is_empty() || hold.deferred_ms > 0);
         records.extend(held.map(|hold| Record::ApplyHold(hold.clone())));

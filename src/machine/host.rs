@@ -156,13 +156,17 @@ pub struct HostJob {
 pub enum JobStatus {
     Succeeded,
     /// The job's command exited with this status.
-    Failed { exit_code: i32 },
+    Failed {
+        exit_code: i32,
+    },
     /// The job is neither running nor finished: the host rebooted or someone
     /// killed it.
     Lost,
     /// The job ran longer than its timeout. It is left running, because
     /// killing dpkg mid-unpack breaks the host.
-    TimedOut { seconds: u64 },
+    TimedOut {
+        seconds: u64,
+    },
 }
 
 /// The outcome of a job as the driver read it from the host.
@@ -263,14 +267,25 @@ pub struct HostAttempt {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostOutcome {
     /// Packages are up to date and the host runs its newest kernel.
-    Patched { reboots: u32 },
+    Patched {
+        reboots: u32,
+    },
     /// Another process held the dpkg lock for the whole wait.
-    Busy { reason: String },
+    Busy {
+        reason: String,
+    },
     /// The host offered a key other than the pinned one, so nothing was run.
-    HostKeyRejected { reason: String },
+    HostKeyRejected {
+        reason: String,
+    },
     /// The host rebooted but still runs its old kernel.
-    KernelNotActivated { running: String, expected: String },
-    Failed { reason: String },
+    KernelNotActivated {
+        running: String,
+        expected: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 impl HostOutcome {
@@ -756,14 +771,11 @@ mod tests {
         use HostState::*;
         let mut machine = fresh();
 
-        let states: Vec<HostState> = [
-            feed(&mut machine, HostEvents::Start),
-            feed(&mut machine, HostEvents::Connected),
-            feed(&mut machine, HostEvents::PreflightPassed),
-        ]
-        .iter()
-        .map(|step| step.to)
-        .collect();
+        let states: Vec<HostState> =
+            [feed(&mut machine, HostEvents::Start), feed(&mut machine, HostEvents::Connected), feed(&mut machine, HostEvents::PreflightPassed)]
+                .iter()
+                .map(|step| step.to)
+                .collect();
         let lists = finished(&machine, JobStatus::Succeeded);
         let after_lists = feed(&mut machine, lists);
         let upgraded = finished(&machine, JobStatus::Succeeded);

@@ -8,8 +8,8 @@
 
 pub mod factory;
 pub mod host;
-pub mod space;
 pub mod selfupdate;
+pub mod space;
 pub mod stack;
 
 use std::fmt;
@@ -27,13 +27,7 @@ pub enum MachineKind {
 }
 
 impl MachineKind {
-    pub const ALL: [MachineKind; 5] = [
-        MachineKind::Stack,
-        MachineKind::SelfUpdate,
-        MachineKind::HostPatch,
-        MachineKind::SpaceGuard,
-        MachineKind::FactoryReset,
-    ];
+    pub const ALL: [MachineKind; 5] = [MachineKind::Stack, MachineKind::SelfUpdate, MachineKind::HostPatch, MachineKind::SpaceGuard, MachineKind::FactoryReset];
 
     pub fn code(self) -> u8 {
         self as u8
@@ -71,7 +65,8 @@ impl fmt::Display for MachineKind {
 }
 
 /// Every machine table this build contains.
-pub const TABLES: &[&MachineTable] = &[&stack::STACK_TABLE, &host::HOST_TABLE, &space::SPACE_TABLE, &selfupdate::SELF_UPDATE_TABLE, &factory::FACTORY_RESET_TABLE];
+pub const TABLES: &[&MachineTable] =
+    &[&stack::STACK_TABLE, &host::HOST_TABLE, &space::SPACE_TABLE, &selfupdate::SELF_UPDATE_TABLE, &factory::FACTORY_RESET_TABLE];
 
 /// A state of a machine with its persisted code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

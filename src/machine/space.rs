@@ -634,9 +634,7 @@ impl SpaceMachine {
         let from = self.state();
         let event_code = SpaceEvent::from(&event);
         let failure = match &event {
-            SpaceEvents::RecorderStopFailed(failure) | SpaceEvents::ReclaimFailed(failure) | SpaceEvents::RecorderStartFailed(failure) => {
-                Some(failure.clone())
-            }
+            SpaceEvents::RecorderStopFailed(failure) | SpaceEvents::ReclaimFailed(failure) | SpaceEvents::RecorderStartFailed(failure) => Some(failure.clone()),
             _ => None,
         };
         let before = self.inner.context().memory.clone();

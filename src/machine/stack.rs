@@ -377,13 +377,7 @@ impl StackStateMachineContext for StackContext {
         self.clear_fetch_attention();
         self.memory.attempts_started += 1;
         self.memory.resumes = 0;
-        self.memory.attempt = Some(Attempt {
-            number: self.memory.attempts_started,
-            target: tip,
-            plan: None,
-            pulled: None,
-            pulled_on_boot: None,
-        });
+        self.memory.attempt = Some(Attempt { number: self.memory.attempts_started, target: tip, plan: None, pulled: None, pulled_on_boot: None });
         self.commands.push(StackCommand::Validate { commit: tip });
         Ok(())
     }

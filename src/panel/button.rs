@@ -43,8 +43,12 @@ pub enum ButtonAction {
 enum Phase {
     Released,
     /// Pressed since the given time, not yet held long enough to arm.
-    Pressed { since: Duration },
-    Armed { since: Duration },
+    Pressed {
+        since: Duration,
+    },
+    Armed {
+        since: Duration,
+    },
     /// Held past `cancel_after`, or pressed when the agent started: nothing
     /// counts until the next release.
     Ignored,

@@ -14,7 +14,9 @@ use crate::panel::led::Led;
 /// Errors of opening the GPIO pins.
 #[derive(Debug, thiserror::Error)]
 pub enum GpioError {
-    #[error("cannot open the GPIO device: {0}; on a Pi 3 or 4 pass --device /dev/gpiomem, on a Pi 5 --device /dev/gpiomem0, or set panel.backend = \"simulated\"")]
+    #[error(
+        "cannot open the GPIO device: {0}; on a Pi 3 or 4 pass --device /dev/gpiomem, on a Pi 5 --device /dev/gpiomem0, or set panel.backend = \"simulated\""
+    )]
     Open(rppal::gpio::Error),
     #[error("cannot use GPIO {pin} for the {role}: {source}; check panel.{role}_pin")]
     Pin { pin: u8, role: &'static str, source: rppal::gpio::Error },

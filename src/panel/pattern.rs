@@ -97,10 +97,7 @@ impl Pattern {
 
 /// Returns the table row of `condition`.
 pub fn spec(condition: Condition) -> &'static PatternSpec {
-    PATTERNS
-        .iter()
-        .find(|spec| spec.condition == condition)
-        .expect("the test `table_covers_every_condition` checks that PATTERNS has a row for each condition")
+    PATTERNS.iter().find(|spec| spec.condition == condition).expect("the test `table_covers_every_condition` checks that PATTERNS has a row for each condition")
 }
 
 /// Width of one second in the picture, in pixels.
@@ -121,8 +118,14 @@ pub fn to_svg() -> String {
     // Writing into a String cannot fail, so the fmt::Result values are dropped.
     // XML forbids "--" inside a comment, so the command with `--test` is not
     // quoted here; tests/panel.rs checks the comment.
-    let _ = writeln!(svg, "<!-- Generated from the blink pattern table by the pattern_picture_matches_table test of tests/panel.rs, run with UPDATE_PATTERNS=1 -->");
-    let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica, Arial, sans-serif" font-size="14">"#);
+    let _ = writeln!(
+        svg,
+        "<!-- Generated from the blink pattern table by the pattern_picture_matches_table test of tests/panel.rs, run with UPDATE_PATTERNS=1 -->"
+    );
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica, Arial, sans-serif" font-size="14">"#
+    );
     let _ = writeln!(svg, r#"  <rect width="{width}" height="{height}" fill="white"/>"#);
     let _ = writeln!(svg, r#"  <text x="10" y="20" font-weight="bold">Status LED: the first condition that holds, from the top, sets the pattern</text>"#);
     for second in 0..=PICTURE_SECONDS {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, NetworkConnectRequest, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 
 use crate::driver::docker::{Engine, EngineError};
@@ -21,7 +21,9 @@ use crate::selfupdate::{AGENT_LABEL, CANDIDATE_LABEL, IMAGE_LABEL, NETWORK_LABEL
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
     /// The agent does not run in a container, so there is nothing to replace.
-    #[error("the agent does not run in a Docker container (no container id in /proc/self/mountinfo); self-update needs it to run in one, or remove [self_update]")]
+    #[error(
+        "the agent does not run in a Docker container (no container id in /proc/self/mountinfo); self-update needs it to run in one, or remove [self_update]"
+    )]
     NotInContainer,
 
     /// A container the handover needs does not exist.
@@ -124,11 +126,7 @@ pub async fn own_container(engine: &Engine, followed_override: Option<&str>) -> 
     let config = inspect.config.clone().unwrap_or_default();
     let labels = config.labels.clone().unwrap_or_default();
 
-    let followed = followed_override
-        .map(str::to_string)
-        .or_else(|| labels.get(IMAGE_LABEL).cloned())
-        .or(config.image.clone())
-        .unwrap_or_default();
+    let followed = followed_override.map(str::to_string).or_else(|| labels.get(IMAGE_LABEL).cloned()).or(config.image.clone()).unwrap_or_default();
     let image_id = inspect.image.clone().unwrap_or_default();
     let running_digest = repository_digest(engine, &image_id, &followed).await;
     Ok(OwnContainer {
@@ -167,11 +165,7 @@ pub async fn repository_digest(engine: &Engine, image: &str, followed: &str) -> 
 /// through the engine, which pulls nothing.
 pub async fn registry_digest(engine: &Engine, reference: &str) -> Result<Digest, ContainerError> {
     let credentials = engine.credentials().for_image(reference);
-    let inspect = engine
-        .api()
-        .inspect_registry_image(reference, credentials)
-        .await
-        .map_err(ContainerError::api("inspect registry image", reference))?;
+    let inspect = engine.api().inspect_registry_image(reference, credentials).await.map_err(ContainerError::api("inspect registry image", reference))?;
     let digest = inspect.descriptor.digest.unwrap_or_default();
     digest.parse().map_err(|_| ContainerError::Reference { image: reference.to_string(), reason: format!("the registry returned the digest {digest:?}") })
 }
@@ -220,7 +214,12 @@ pub async fn connect(engine: &Engine, network: &str, container: &str, endpoint: 
 /// Creates the candidate container from the old one and connects it to its
 /// networks. A leftover container with the same name that belongs to this
 /// agent is removed first.
-pub async fn create_candidate(engine: &Engine, old: &ContainerInspectResponse, old_image: &bollard::models::ImageConfig, request: &CandidateRequest) -> Result<ContainerRef, ContainerError> {
+pub async fn create_candidate(
+    engine: &Engine,
+    old: &ContainerInspectResponse,
+    old_image: &bollard::models::ImageConfig,
+    request: &CandidateRequest,
+) -> Result<ContainerRef, ContainerError> {
     let spec = spec::candidate_spec(old, old_image, request)?;
     if let Some(leftover) = inspect(engine, &spec.name).await? {
         let labels = leftover.config.and_then(|config| config.labels).unwrap_or_default();

@@ -27,8 +27,8 @@ use crate::journal::record::{LeaseAbortRecord, LeaseConfirmedRecord, MachineErro
 use crate::journal::{JournalError, Record, RecordMeta};
 use crate::machine::MachineKind;
 use crate::machine::selfupdate::{
-    BootTime, ContainerRef, RetireReport, SelfUpdateCommand, SelfUpdateEvent, SelfUpdateEvents, SelfUpdateFacts, SelfUpdateMachine,
-    SelfUpdateMemory, SelfUpdateOutcome, SelfUpdateSettings, SelfUpdateState, Step, Target,
+    BootTime, ContainerRef, RetireReport, SelfUpdateCommand, SelfUpdateEvent, SelfUpdateEvents, SelfUpdateFacts, SelfUpdateMachine, SelfUpdateMemory,
+    SelfUpdateOutcome, SelfUpdateSettings, SelfUpdateState, Step, Target,
 };
 use crate::model::{Digest, Failure};
 use crate::notify::{Notice, Severity};
@@ -77,11 +77,7 @@ enum Done {
 
 /// Returns the facts for a step written now.
 pub fn facts_now(meta: &RecordMeta, forced: bool) -> SelfUpdateFacts {
-    SelfUpdateFacts {
-        now: BootTime { boot_id: meta.boot_id, ms: meta.monotonic_ms },
-        jitter_permille: rand::rng().random_range(0..=200),
-        forced,
-    }
+    SelfUpdateFacts { now: BootTime { boot_id: meta.boot_id, ms: meta.monotonic_ms }, jitter_permille: rand::rng().random_range(0..=200), forced }
 }
 
 /// Returns the records of one step: the transition, the memory with the
@@ -395,9 +391,10 @@ impl SelfUpdateDriver {
 
     async fn pull(&mut self, image: &str, digest: Digest) -> SelfUpdateEvents {
         if let Some(check) = &self.pull_check
-            && let Err(no_room) = check.check(&[image.to_string()]).await {
-                return SelfUpdateEvents::PullFailed(Failure::local(format!("cannot pull the new agent image {image}: {no_room}")));
-            }
+            && let Err(no_room) = check.check(&[image.to_string()]).await
+        {
+            return SelfUpdateEvents::PullFailed(Failure::local(format!("cannot pull the new agent image {image}: {no_room}")));
+        }
         tracing::info!(machine = "self-update", image, %digest, "pulling the new image of the agent");
         let pulled = match self.engine.pull(image, self.config.pull_timeout).await {
             Ok(pulled) => pulled,
@@ -438,7 +435,8 @@ impl SelfUpdateDriver {
         let network = self.config.network.clone();
         docker::ensure_network(&self.engine, &network).await?;
         docker::connect(&self.engine, &network, &self.own.container.id, Default::default()).await?;
-        let old = docker::inspect(&self.engine, &self.own.container.id).await?.ok_or_else(|| ContainerError::Missing { container: self.own.container.id.clone() })?;
+        let old =
+            docker::inspect(&self.engine, &self.own.container.id).await?.ok_or_else(|| ContainerError::Missing { container: self.own.container.id.clone() })?;
         let old_image = docker::image_config(&self.engine, &self.own.image_id).await?;
 
         let token = random_token();
@@ -546,13 +544,20 @@ impl SelfUpdateDriver {
             Err(error) => tracing::warn!(machine = "self-update", %error, "no response to the handover request; reading the journal"),
         }
         if self.lease_taken(offered) {
-            tracing::info!(machine = "self-update", epoch = offered, "the response was lost, but the journal shows the new agent's lease: the handover happened");
+            tracing::info!(
+                machine = "self-update",
+                epoch = offered,
+                "the response was lost, but the journal shows the new agent's lease: the handover happened"
+            );
             return Done::HandedOver(candidate, offered);
         }
-        let failure = Failure::rejected(format!("the new agent did not take the lease: {}", match &response {
-            Ok(response) => format!("it responded with epoch {}", response.epoch),
-            Err(error) => error.clone(),
-        }));
+        let failure = Failure::rejected(format!(
+            "the new agent did not take the lease: {}",
+            match &response {
+                Ok(response) => format!("it responded with epoch {}", response.epoch),
+                Err(error) => error.clone(),
+            }
+        ));
         Done::Event(SelfUpdateEvents::HandoverFailed(failure))
     }
 
@@ -703,8 +708,12 @@ impl SelfUpdateDriver {
                 continue;
             }
             match docker::remove(&self.engine, &container.id, self.config.stop_timeout).await {
-                Ok(()) => tracing::info!(machine = "self-update", container = %container.short_id(), name = %container.name, "removed a candidate container that holds no lease"),
-                Err(error) => tracing::warn!(machine = "self-update", container = %container.short_id(), %error, "cannot remove a candidate container that holds no lease"),
+                Ok(()) => {
+                    tracing::info!(machine = "self-update", container = %container.short_id(), name = %container.name, "removed a candidate container that holds no lease")
+                }
+                Err(error) => {
+                    tracing::warn!(machine = "self-update", container = %container.short_id(), %error, "cannot remove a candidate container that holds no lease")
+                }
             }
         }
     }

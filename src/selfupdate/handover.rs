@@ -202,7 +202,9 @@ async fn handle(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -
         response
     } else {
         match (method.clone(), path.as_str()) {
-            (Method::GET, "/ready") => json(StatusCode::OK, &ReadyResponse { container: shared.candidate.own.id.clone(), version: env!("CARGO_PKG_VERSION").into() }),
+            (Method::GET, "/ready") => {
+                json(StatusCode::OK, &ReadyResponse { container: shared.candidate.own.id.clone(), version: env!("CARGO_PKG_VERSION").into() })
+            }
             (Method::POST, "/handover") => match read_request(request).await {
                 Ok(handover) => handover_response(shared, handover, peer)?,
                 Err(response) => response,

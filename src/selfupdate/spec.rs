@@ -63,7 +63,8 @@ pub fn candidate_spec(old: &ContainerInspectResponse, old_image: &ImageConfig, r
     let published = host_config.port_bindings.iter().flatten().any(|(_, bindings)| bindings.as_ref().is_some_and(|list| !list.is_empty()));
     if published || host_config.publish_all_ports == Some(true) {
         return Err(unsupported(
-            "it publishes ports on the host, which the new container cannot bind while the old one runs; reach the agent through its control socket instead".into(),
+            "it publishes ports on the host, which the new container cannot bind while the old one runs; reach the agent through its control socket instead"
+                .into(),
         ));
     }
     let network_mode = host_config.network_mode.clone().unwrap_or_default();
@@ -121,19 +122,18 @@ fn set_by_operator<T: Clone + PartialEq>(container: &Option<T>, image: &Option<T
 fn candidate_env(container: &Option<Vec<String>>, image: &Option<Vec<String>>, token: &str) -> Vec<String> {
     let image = image.clone().unwrap_or_default();
     let token_prefix = format!("{TOKEN_VARIABLE}=");
-    let mut env: Vec<String> = container
-        .iter()
-        .flatten()
-        .filter(|entry| !image.contains(entry) && !entry.starts_with(&token_prefix))
-        .cloned()
-        .collect();
+    let mut env: Vec<String> = container.iter().flatten().filter(|entry| !image.contains(entry) && !entry.starts_with(&token_prefix)).cloned().collect();
     env.push(format!("{token_prefix}{token}"));
     env
 }
 
 /// Returns the old container's labels without Compose's, the image's and the
 /// candidate's own, plus the candidate labels of this request.
-fn candidate_labels(container: &Option<HashMap<String, String>>, image: &Option<HashMap<String, String>>, request: &CandidateRequest) -> HashMap<String, String> {
+fn candidate_labels(
+    container: &Option<HashMap<String, String>>,
+    image: &Option<HashMap<String, String>>,
+    request: &CandidateRequest,
+) -> HashMap<String, String> {
     let image = image.clone().unwrap_or_default();
     let own = [AGENT_LABEL, CANDIDATE_LABEL, IMAGE_LABEL];
     let mut labels: HashMap<String, String> = container
@@ -153,7 +153,12 @@ fn candidate_labels(container: &Option<HashMap<String, String>>, image: &Option<
 /// are copied without the old container's short id, which Docker adds on
 /// its own. Fixed addresses are not copied, because the old container still
 /// uses them.
-fn networks(old: &ContainerInspectResponse, network_mode: &str, short_id: &str, external: &str) -> ((String, EndpointSettings), Vec<(String, EndpointSettings)>) {
+fn networks(
+    old: &ContainerInspectResponse,
+    network_mode: &str,
+    short_id: &str,
+    external: &str,
+) -> ((String, EndpointSettings), Vec<(String, EndpointSettings)>) {
     let attached = old.network_settings.as_ref().and_then(|settings| settings.networks.clone()).unwrap_or_default();
     let mut names: Vec<String> = attached.keys().cloned().collect();
     names.sort();
@@ -162,13 +167,8 @@ fn networks(old: &ContainerInspectResponse, network_mode: &str, short_id: &str, 
     }
 
     let endpoint = |name: &str| {
-        let aliases: Vec<String> = attached
-            .get(name)
-            .and_then(|settings| settings.aliases.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|alias| alias != short_id)
-            .collect();
+        let aliases: Vec<String> =
+            attached.get(name).and_then(|settings| settings.aliases.clone()).unwrap_or_default().into_iter().filter(|alias| alias != short_id).collect();
         EndpointSettings { aliases: (!aliases.is_empty()).then_some(aliases), ..EndpointSettings::default() }
     };
 

@@ -91,9 +91,7 @@ impl Package {
     /// directory, and a postinst that requests a reboot. With `activates`, the
     /// postinst also tells the simulated boot loader to start it next.
     pub fn kernel(release: &str, activates: bool) -> Package {
-        let mut postinst = format!(
-            "if [ \"$1\" = configure ]; then\n  touch /run/reboot-required\n  echo linux-image-{release} >>/run/reboot-required.pkgs\n"
-        );
+        let mut postinst = format!("if [ \"$1\" = configure ]; then\n  touch /run/reboot-required\n  echo linux-image-{release} >>/run/reboot-required.pkgs\n");
         if activates {
             postinst.push_str(&format!("  echo {release} >/etc/eventpi-test/boot_kernel\n"));
         }
@@ -160,8 +158,23 @@ impl TestHost {
         run(
             "docker",
             &[
-                "run", "-d", "--name", &name, "--label", TEST_LABEL, "--label", &name_label, "--restart", "always", "--tmpfs", "/run",
-                "-v", &volume, "-p", &publish, image,
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--label",
+                TEST_LABEL,
+                "--label",
+                &name_label,
+                "--restart",
+                "always",
+                "--tmpfs",
+                "/run",
+                "-v",
+                &volume,
+                "-p",
+                &publish,
+                image,
             ],
         );
         let host = TestHost { name, port, directory };
@@ -355,11 +368,8 @@ reboot_command = "/usr/local/sbin/eventpi-test-reboot"
         );
         let key_of = |line: &str| line.split_once('=').map(|(key, _)| key.trim().to_string());
         let replaced: Vec<String> = extra.lines().filter_map(key_of).collect();
-        let mut text: String = template
-            .lines()
-            .filter(|line| key_of(line).is_none_or(|key| !replaced.contains(&key)))
-            .map(|line| format!("{line}\n"))
-            .collect();
+        let mut text: String =
+            template.lines().filter(|line| key_of(line).is_none_or(|key| !replaced.contains(&key))).map(|line| format!("{line}\n")).collect();
         text.push_str(extra);
         text.push('\n');
         let path = self.directory.path().join("autoupdate.toml");

@@ -10,9 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use eventpi_autoupdate::journal::frame;
-use eventpi_autoupdate::journal::record::{
-    LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, StackMemoryRecord, TransitionRecord,
-};
+use eventpi_autoupdate::journal::record::{LeaseAbortRecord, LeaseConfirmedRecord, LeaseRecord, MachineErrorRecord, StackMemoryRecord, TransitionRecord};
 use eventpi_autoupdate::journal::{FILE_NAME, History, JournalOptions, JournalState, Record, RecordMeta};
 use eventpi_autoupdate::machine::stack::{Attempt, Outcome, StackMemory};
 use eventpi_autoupdate::model::{CommitId, Digest, Release, ServiceImage};
@@ -112,12 +110,7 @@ pub fn zero_range(path: &Path, range: Range<u64>) {
 /// Returns the metadata of the `index`-th record of a test: a fixed boot id
 /// and times one second apart, so files come out the same on every run.
 pub fn meta(index: u64) -> RecordMeta {
-    RecordMeta {
-        boot_id: *b"journal-test-bt1",
-        monotonic_ms: 60_000 + index * 1_000,
-        wall_ms: 1_793_606_400_000 + index * 1_000,
-        clock_synced: true,
-    }
+    RecordMeta { boot_id: *b"journal-test-bt1", monotonic_ms: 60_000 + index * 1_000, wall_ms: 1_793_606_400_000 + index * 1_000, clock_synced: true }
 }
 
 pub fn lease(epoch: u64, holder: &str, index: u64) -> Record {
@@ -135,14 +128,7 @@ pub fn lease_confirmed(epoch: u64, index: u64) -> Record {
 /// Returns a transition of `machine` whose attempt number is `index`, so a
 /// reader can tell which append it came from.
 pub fn transition(machine: u8, from: u8, to: u8, index: u64) -> Record {
-    Record::Transition(TransitionRecord {
-        meta: meta(index),
-        machine,
-        from,
-        event: 1,
-        to,
-        attempt: index as u32,
-    })
+    Record::Transition(TransitionRecord { meta: meta(index), machine, from, event: 1, to, attempt: index as u32 })
 }
 
 /// Returns a transition of a machine that runs no attempts, such as the
@@ -160,11 +146,7 @@ pub fn release(byte: u8) -> Release {
         commit: CommitId([byte; 20]),
         services: vec![
             ServiceImage { service: "web".into(), image: "registry.local:5000/eventpi/web:1".into(), digest: Digest([byte; 32]) },
-            ServiceImage {
-                service: "recorder".into(),
-                image: "registry.local:5000/eventpi/recorder:1".into(),
-                digest: Digest([byte.wrapping_add(1); 32]),
-            },
+            ServiceImage { service: "recorder".into(), image: "registry.local:5000/eventpi/recorder:1".into(), digest: Digest([byte.wrapping_add(1); 32]) },
         ],
     }
 }

@@ -44,12 +44,7 @@ pub fn run_in(directory: Option<&Path>, program: &str, arguments: &[&str]) -> St
         command.current_dir(directory);
     }
     let output = command.output().unwrap_or_else(|error| panic!("cannot run {program}: {error}"));
-    assert!(
-        output.status.success(),
-        "{program} {arguments:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{program} {arguments:?} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -216,9 +211,8 @@ impl Drop for Registry {
             let _ = child.wait();
         }
         // Local copies of this registry's images: the port makes the names unique to this test.
-        let references = Command::new("docker")
-            .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference={}/*", self.address())])
-            .output();
+        let references =
+            Command::new("docker").args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference={}/*", self.address())]).output();
         if let Ok(output) = references {
             for reference in String::from_utf8_lossy(&output.stdout).lines() {
                 let _ = Command::new("docker").args(["rmi", "--force", reference]).output();
@@ -263,15 +257,7 @@ impl GitServer {
         assert!(self.child.is_none(), "git daemon already running");
         let base = self.base.path().to_str().unwrap().to_string();
         let child = Command::new("git")
-            .args([
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                "--listen=127.0.0.1",
-                &format!("--port={}", self.port),
-                &format!("--base-path={base}"),
-                &base,
-            ])
+            .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={}", self.port), &format!("--base-path={base}"), &base])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -1044,7 +1030,9 @@ pub fn push_large_image(registry: &Registry, name: &str, tag: &str, megabytes: u
     fs::write(context.path().join("payload.bin"), data).unwrap();
     fs::write(
         context.path().join("Dockerfile"),
-        format!("FROM {BASE_IMAGE}\nLABEL {TEST_LABEL}\nCOPY payload.bin /payload.bin\nCMD [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 1; done\"]\n"),
+        format!(
+            "FROM {BASE_IMAGE}\nLABEL {TEST_LABEL}\nCOPY payload.bin /payload.bin\nCMD [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 1; done\"]\n"
+        ),
     )
     .unwrap();
     run("docker", &["build", "--quiet", "--tag", &reference, context.path().to_str().unwrap()]);
@@ -1056,7 +1044,11 @@ pub fn push_large_image(registry: &Registry, name: &str, tag: &str, megabytes: u
 
 /// Counts the transitions `from --event--> to` of the stack machine.
 pub fn count_transitions(agent: &Agent, from: &str, event: &str, to: &str) -> usize {
-    agent.replay().iter().filter(|transition| transition.machine == "stack" && transition.from == from && transition.event == event && transition.to == to).count()
+    agent
+        .replay()
+        .iter()
+        .filter(|transition| transition.machine == "stack" && transition.from == from && transition.event == event && transition.to == to)
+        .count()
 }
 
 /// How the webhook receiver answers the next request.
@@ -1146,11 +1138,7 @@ impl Drop for Webhook {
     }
 }
 
-fn serve_webhook_request(
-    mut stream: TcpStream,
-    received: &std::sync::Mutex<Vec<Received>>,
-    script: &std::sync::Mutex<std::collections::VecDeque<Answer>>,
-) {
+fn serve_webhook_request(mut stream: TcpStream, received: &std::sync::Mutex<Vec<Received>>, script: &std::sync::Mutex<std::collections::VecDeque<Answer>>) {
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut data = Vec::new();
@@ -1195,7 +1183,8 @@ fn serve_webhook_request(
 /// Computes `sha256=<hex>` of HMAC-SHA256 over `<timestamp>.<body>` with
 /// Python's hmac module, independent of the agent's own code.
 pub fn python_signature(secret: &str, timestamp: &str, body: &str) -> String {
-    let script = "import hmac, hashlib, sys; print('sha256=' + hmac.new(sys.argv[1].encode(), (sys.argv[2] + '.' + sys.argv[3]).encode(), hashlib.sha256).hexdigest())";
+    let script =
+        "import hmac, hashlib, sys; print('sha256=' + hmac.new(sys.argv[1].encode(), (sys.argv[2] + '.' + sys.argv[3]).encode(), hashlib.sha256).hexdigest())";
     run("python3", &["-c", script, secret, timestamp, body]).trim().to_string()
 }
 

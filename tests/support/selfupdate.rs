@@ -175,11 +175,8 @@ impl Fleet {
     /// Builds a version locally under `tag`.
     pub fn build_version(&self, version: &str, lines: &str, tag: &str) -> String {
         let context = tempfile::tempdir().unwrap();
-        fs::write(
-            context.path().join("Dockerfile"),
-            format!("FROM {}\nLABEL eventpi.test=1 eventpi.test.version=\"{version}\"\n{lines}", base_image()),
-        )
-        .unwrap();
+        fs::write(context.path().join("Dockerfile"), format!("FROM {}\nLABEL eventpi.test=1 eventpi.test.version=\"{version}\"\n{lines}", base_image()))
+            .unwrap();
         run("docker", &["build", "--quiet", "--tag", tag, context.path().to_str().unwrap()]);
         tag.to_string()
     }
@@ -289,9 +286,7 @@ impl Fleet {
     /// Waits until the journal holds a lease of `container`.
     pub fn wait_for_lease_of(&self, container: &str, timeout: Duration) {
         let holder = format!("container:{}", &container[..12]);
-        wait_until(&format!("a lease of {holder}"), timeout, None, || {
-            self.state().and_then(|state| state.lease).is_some_and(|lease| lease.holder == holder)
-        });
+        wait_until(&format!("a lease of {holder}"), timeout, None, || self.state().and_then(|state| state.lease).is_some_and(|lease| lease.holder == holder));
     }
 
     /// Returns the status text that the agent CLI prints from the journal.
@@ -303,7 +298,8 @@ impl Fleet {
     /// returns the status code, 0 when the connection failed.
     pub fn request_from(&self, network: &str, url: &str, wget_options: &str) -> u16 {
         let fleet_label = format!("eventpi.test.fleet={}", self.id);
-        let script = format!("mkdir -p /tmp; head -c 8192 /dev/zero | tr '\\0' a > /tmp/big; timeout 10 wget -q -S -O /dev/null {wget_options} {url} 2>&1; true");
+        let script =
+            format!("mkdir -p /tmp; head -c 8192 /dev/zero | tr '\\0' a > /tmp/big; timeout 10 wget -q -S -O /dev/null {wget_options} {url} 2>&1; true");
         let output = Command::new("docker")
             .args(["run", "--rm", "--label", "eventpi.test=1", "--label", &fleet_label, "--network", network, BASE_IMAGE, "sh", "-c", &script])
             .stdin(Stdio::null())

@@ -53,14 +53,19 @@ pub async fn capture(config: &Config) -> Result<Manifest, CaptureError> {
     drop(journal);
 
     let credentials = Credentials::load(config).map_err(|error| CaptureError::Access(error.to_string()))?;
-    let access = GitAccess::prepare(&credentials.git, &stack.repository, &config.state_directory().join("ssh")).map_err(|error| CaptureError::Access(error.to_string()))?;
+    let access = GitAccess::prepare(&credentials.git, &stack.repository, &config.state_directory().join("ssh"))
+        .map_err(|error| CaptureError::Access(error.to_string()))?;
     let git = GitMirror::for_stack(config, stack, access);
     let engine = Engine::connect(config.docker.host.as_deref(), None).await.map_err(|error| CaptureError::Engine(error.to_string()))?;
 
     let directory = config.factory_directory();
     let staging = directory.join(STAGING_DIRECTORY);
     remove_directory(&staging)?;
-    std::fs::create_dir_all(staging.join(material::IMAGES_DIRECTORY)).map_err(|source| MaterialError::Io { action: "create", path: staging.clone(), source })?;
+    std::fs::create_dir_all(staging.join(material::IMAGES_DIRECTORY)).map_err(|source| MaterialError::Io {
+        action: "create",
+        path: staging.clone(),
+        source,
+    })?;
 
     let commit = known_good.commit.to_string();
     git.stage(known_good.commit, &staging.join(material::COMPOSE_DIRECTORY))

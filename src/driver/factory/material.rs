@@ -76,7 +76,8 @@ fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Er
 /// Returns the factory tag of one service. Docker tags allow letters,
 /// digits, `_`, `.` and `-`.
 pub fn factory_tag(project: &str, service: &str) -> String {
-    let service: String = service.chars().map(|character| if character.is_ascii_alphanumeric() || "_.-".contains(character) { character } else { '_' }).take(120).collect();
+    let service: String =
+        service.chars().map(|character| if character.is_ascii_alphanumeric() || "_.-".contains(character) { character } else { '_' }).take(120).collect();
     format!("{FACTORY_REPOSITORY}/{project}:{service}")
 }
 

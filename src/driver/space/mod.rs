@@ -25,8 +25,8 @@ use crate::journal::record::{MachineErrorRecord, SpaceMemoryRecord, TransitionRe
 use crate::journal::{JournalError, Record};
 use crate::machine::MachineKind;
 use crate::machine::space::{
-    FillForecast, Marks, Moment, Reading, ReclaimReport, Role, Sample, SpaceCommand, SpaceEvent, SpaceEvents, SpaceMachine, SpaceMemory,
-    SpaceSettings, SpaceState, Step,
+    FillForecast, Marks, Moment, Reading, ReclaimReport, Role, Sample, SpaceCommand, SpaceEvent, SpaceEvents, SpaceMachine, SpaceMemory, SpaceSettings,
+    SpaceState, Step,
 };
 use crate::model::Failure;
 use crate::notify::{Notice, Severity};
@@ -212,7 +212,8 @@ impl SpaceDriver {
     fn append_step(&self, step: &Step) -> Result<(), SpaceDriverError> {
         let meta = self.runtime.seams.meta();
         let machine = MachineKind::SpaceGuard.code();
-        let mut records = vec![Record::Transition(TransitionRecord { meta, machine, from: step.from.code(), event: step.event.code(), to: step.to.code(), attempt: 0 })];
+        let mut records =
+            vec![Record::Transition(TransitionRecord { meta, machine, from: step.from.code(), event: step.event.code(), to: step.to.code(), attempt: 0 })];
         if step.memory_changed {
             records.push(Record::SpaceMemory(SpaceMemoryRecord { meta, memory: self.machine.memory().clone() }));
         }
@@ -372,9 +373,15 @@ fn notices_for(step: &Step, memory: &SpaceMemory, sample: &Sample) -> Vec<Notice
     match (step.event, step.to) {
         (SpaceEvent::RecorderStopped, _) => {
             let mark = reading(Role::Recordings).map(|reading| format!(" above {} % free", reading.marks.resume_above_percent)).unwrap_or_default();
-            notices.push(notice(Severity::Warning, "recorder-stopped", format!("the recorder was stopped because the recordings filesystem is low; delete recordings, it starts again once the filesystem is{mark}")));
+            notices.push(notice(
+                Severity::Warning,
+                "recorder-stopped",
+                format!("the recorder was stopped because the recordings filesystem is low; delete recordings, it starts again once the filesystem is{mark}"),
+            ));
         }
-        (SpaceEvent::RecorderStarted, _) => notices.push(notice(Severity::Info, "recorder-started", "the recorder was started again: the recordings filesystem has room".into())),
+        (SpaceEvent::RecorderStarted, _) => {
+            notices.push(notice(Severity::Info, "recorder-started", "the recorder was started again: the recordings filesystem has room".into()))
+        }
         _ => {}
     }
     let gave_up = step.event == SpaceEvent::Resumed && memory.needs_attention.is_some() && memory.needs_attention != step.before.needs_attention;
@@ -385,8 +392,14 @@ fn notices_for(step: &Step, memory: &SpaceMemory, sample: &Sample) -> Vec<Notice
     if let Some(failure) = &step.failure {
         let first = memory.recorder_failures <= 1;
         match step.event {
-            SpaceEvent::RecorderStopFailed if first => notices.push(notice(Severity::Error, "recorder-stop-failed", format!("cannot stop the recorder while the recordings filesystem is low: {}", failure.message))),
-            SpaceEvent::RecorderStartFailed if first => notices.push(notice(Severity::Error, "recorder-start-failed", format!("cannot start the recorder again: {}", failure.message))),
+            SpaceEvent::RecorderStopFailed if first => notices.push(notice(
+                Severity::Error,
+                "recorder-stop-failed",
+                format!("cannot stop the recorder while the recordings filesystem is low: {}", failure.message),
+            )),
+            SpaceEvent::RecorderStartFailed if first => {
+                notices.push(notice(Severity::Error, "recorder-start-failed", format!("cannot start the recorder again: {}", failure.message)))
+            }
             SpaceEvent::ReclaimFailed => notices.push(notice(Severity::Warning, "reclaim-failed", failure.message.clone())),
             _ => {}
         }

@@ -94,12 +94,17 @@ impl PullCheck {
         let stats = self.read(target)?;
         match shortage(target, &stats, estimate) {
             None => Ok(estimate),
-            Some(reason) => Err(NoRoom(format!("{reason} after reclaiming {}; delete files there or give Docker a larger filesystem. Nothing was stopped, and the pull is retried later", format_bytes(freed)))),
+            Some(reason) => Err(NoRoom(format!(
+                "{reason} after reclaiming {}; delete files there or give Docker a larger filesystem. Nothing was stopped, and the pull is retried later",
+                format_bytes(freed)
+            ))),
         }
     }
 
     fn read(&self, target: &PullTarget) -> Result<FilesystemStats, NoRoom> {
-        read_filesystem(&target.path).map_err(|error| NoRoom(format!("cannot read the free space of {} ({}): {error}; check space.{}.path", target.path.display(), target.role, target.role)))
+        read_filesystem(&target.path).map_err(|error| {
+            NoRoom(format!("cannot read the free space of {} ({}): {error}; check space.{}.path", target.path.display(), target.role, target.role))
+        })
     }
 
     /// Sums the compressed size of every image not present locally, and
@@ -121,7 +126,14 @@ impl PullCheck {
                         Some(digest) => self.engine.has_image(&format!("{repository}@{digest}")).await,
                         None => false,
                     };
-                    tracing::debug!(machine = self.machine, image, compressed = size.compressed_bytes, layers = size.layers, present, "image size from its manifest");
+                    tracing::debug!(
+                        machine = self.machine,
+                        image,
+                        compressed = size.compressed_bytes,
+                        layers = size.layers,
+                        present,
+                        "image size from its manifest"
+                    );
                     if !present {
                         compressed += size.compressed_bytes;
                     }
@@ -131,7 +143,9 @@ impl PullCheck {
                         tracing::warn!(machine = self.machine, image, %error, local_unpacked = %format_bytes(unpacked), "cannot read the image size from the registry; estimating it from the largest local image of the same repository");
                         local_estimate = local_estimate.saturating_add(unpacked.saturating_mul(LOCAL_SIZE_FACTOR));
                     }
-                    None => tracing::warn!(machine = self.machine, image, %error, "cannot read the image size from the registry and no local image of its repository exists; it is left out of the space check"),
+                    None => {
+                        tracing::warn!(machine = self.machine, image, %error, "cannot read the image size from the registry and no local image of its repository exists; it is left out of the space check")
+                    }
                 },
             }
         }

@@ -13,7 +13,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use bollard::query_parameters::{ListContainersOptionsBuilder, ListImagesOptionsBuilder, PruneBuildOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder};
+use bollard::query_parameters::{
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, PruneBuildOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+};
 
 use crate::driver::docker::{Engine, KEEP_REPOSITORY, PROJECT_LABEL};
 use crate::runtime::SharedJournal;
@@ -104,7 +106,8 @@ impl Reclaimer {
         let mut filters = self.label_filter();
         filters.insert("status".into(), vec!["exited".into(), "created".into(), "dead".into()]);
         let options = ListContainersOptionsBuilder::default().all(true).size(true).filters(&filters).build();
-        let containers = self.engine.api().list_containers(Some(options)).await.map_err(|source| ReclaimError::Api { call: "list stopped containers", source })?;
+        let containers =
+            self.engine.api().list_containers(Some(options)).await.map_err(|source| ReclaimError::Api { call: "list stopped containers", source })?;
 
         let mut result = StepResult { step: "stopped containers", removed: 0, freed_bytes: 0 };
         for container in containers {
@@ -141,7 +144,12 @@ impl Reclaimer {
             let journal = self.journal.lock().expect("no code panics while holding the journal lock");
             let memory = journal.state().stack_memory.clone().unwrap_or_default();
             let pending = memory.attempt.and_then(|attempt| attempt.pulled);
-            [memory.running, memory.known_good, pending].into_iter().flatten().flat_map(|release| release.services).map(|service| service.pinned_reference()).collect()
+            [memory.running, memory.known_good, pending]
+                .into_iter()
+                .flatten()
+                .flat_map(|release| release.services)
+                .map(|service| service.pinned_reference())
+                .collect()
         };
         for reference in references {
             if let Ok(image) = self.engine.api().inspect_image(&reference).await {

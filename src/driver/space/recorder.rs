@@ -127,12 +127,11 @@ impl Recorder {
         let labels = vec![format!("{PROJECT_LABEL}={project}"), format!("{SERVICE_LABEL}={service}")];
         let filters = HashMap::from([("label".to_string(), labels)]);
         let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let containers = self
-            .engine
-            .api()
-            .list_containers(Some(options))
-            .await
-            .map_err(|source| RecorderError::Api { action: "list", container: format!("{project}/{service}"), source })?;
+        let containers = self.engine.api().list_containers(Some(options)).await.map_err(|source| RecorderError::Api {
+            action: "list",
+            container: format!("{project}/{service}"),
+            source,
+        })?;
         let oneoff = |labels: &HashMap<String, String>| labels.get(ONEOFF_LABEL).is_some_and(|value| value.eq_ignore_ascii_case("true"));
         Ok(containers.into_iter().filter(|container| !container.labels.as_ref().is_some_and(oneoff)).filter_map(|container| container.id).collect())
     }

@@ -89,7 +89,8 @@ impl ManifestReader {
         let session = Session { reader: self, image, endpoint: &endpoint, host: &host, name: &name };
         let (digest, document) = session.manifest(&tag).await?;
         if document.get("manifests").is_some() {
-            let chosen = choose_platform(&document, platform).ok_or_else(|| ManifestError::Invalid { image: image.to_string(), detail: format!("no manifest for platform {platform}") })?;
+            let chosen = choose_platform(&document, platform)
+                .ok_or_else(|| ManifestError::Invalid { image: image.to_string(), detail: format!("no manifest for platform {platform}") })?;
             let (_, manifest) = session.manifest(&chosen).await?;
             return sum_layers(image, &manifest, digest);
         }
@@ -159,7 +160,8 @@ impl Session<'_> {
         if !status.is_success() {
             return Err(ManifestError::Status { image: self.image.to_string(), status });
         }
-        let document: serde_json::Value = serde_json::from_slice(&body).map_err(|error| ManifestError::Invalid { image: self.image.to_string(), detail: format!("token response: {error}") })?;
+        let document: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|error| ManifestError::Invalid { image: self.image.to_string(), detail: format!("token response: {error}") })?;
         let token = document.get("token").or_else(|| document.get("access_token")).and_then(serde_json::Value::as_str);
         Ok(token.map(|token| format!("Bearer {token}")))
     }
@@ -175,14 +177,18 @@ impl Session<'_> {
     async fn get(&self, path: &str, authorization: Option<&str>) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ManifestError> {
         let secure = self.send(&format!("https://{}{path}", self.endpoint), authorization).await;
         match secure {
-            Err(ManifestError::Unreachable { .. }) if self.reader.insecure(self.host) => self.send(&format!("http://{}{path}", self.endpoint), authorization).await,
+            Err(ManifestError::Unreachable { .. }) if self.reader.insecure(self.host) => {
+                self.send(&format!("http://{}{path}", self.endpoint), authorization).await
+            }
             other => other,
         }
     }
 
     async fn send(&self, url: &str, authorization: Option<&str>) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ManifestError> {
         let unreachable = |detail: String| ManifestError::Unreachable { image: self.image.to_string(), detail };
-        let mut request = Request::get(url).header(hyper::header::ACCEPT, ACCEPT).header(hyper::header::USER_AGENT, concat!("eventpi-autoupdate/", env!("CARGO_PKG_VERSION")));
+        let mut request = Request::get(url)
+            .header(hyper::header::ACCEPT, ACCEPT)
+            .header(hyper::header::USER_AGENT, concat!("eventpi-autoupdate/", env!("CARGO_PKG_VERSION")));
         if let Some(authorization) = authorization {
             request = request.header(hyper::header::AUTHORIZATION, authorization);
         }
@@ -194,7 +200,9 @@ impl Session<'_> {
             let body = Limited::new(body, MAX_RESPONSE).collect().await.map_err(|error| unreachable(format!("{url}: {error}")))?.to_bytes();
             Ok((parts.status, parts.headers, body))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| unreachable(format!("{url} timed out after {}", humantime::format_duration(REQUEST_TIMEOUT))))?
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| unreachable(format!("{url} timed out after {}", humantime::format_duration(REQUEST_TIMEOUT))))?
     }
 }
 
@@ -219,14 +227,18 @@ fn choose_platform(index: &serde_json::Value, platform: &Platform) -> Option<Str
         .find(|entry| {
             let Some(entry_platform) = entry.get("platform") else { return false };
             let text = |key: &str| entry_platform.get(key).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
-            let candidate = Platform { os: text("os"), architecture: text("architecture"), variant: Some(text("variant")).filter(|variant| !variant.is_empty()) };
+            let candidate =
+                Platform { os: text("os"), architecture: text("architecture"), variant: Some(text("variant")).filter(|variant| !variant.is_empty()) };
             platform.accepts(&candidate)
         })
         .and_then(|entry| entry.get("digest")?.as_str().map(str::to_string))
 }
 
 fn sum_layers(image: &str, manifest: &serde_json::Value, digest: Option<String>) -> Result<ManifestSize, ManifestError> {
-    let layers = manifest.get("layers").and_then(serde_json::Value::as_array).ok_or_else(|| ManifestError::Invalid { image: image.to_string(), detail: "the manifest lists no layers".into() })?;
+    let layers = manifest
+        .get("layers")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| ManifestError::Invalid { image: image.to_string(), detail: "the manifest lists no layers".into() })?;
     let size = |entry: &serde_json::Value| entry.get("size").and_then(serde_json::Value::as_u64).unwrap_or(0);
     let config = manifest.get("config").map_or(0, size);
     let compressed_bytes = layers.iter().map(size).sum::<u64>() + config;

@@ -40,7 +40,8 @@ pub fn watched_filesystems(config: &Config) -> Vec<WatchedFilesystem> {
 /// Returns the disks the status reports: the guard's filesystems and the
 /// one that holds the stack's checkout.
 pub fn watched_disks(config: &Config) -> Vec<WatchedDisk> {
-    let mut disks: Vec<WatchedDisk> = watched_filesystems(config).into_iter().map(|filesystem| WatchedDisk { role: filesystem.role.name().into(), path: filesystem.path }).collect();
+    let mut disks: Vec<WatchedDisk> =
+        watched_filesystems(config).into_iter().map(|filesystem| WatchedDisk { role: filesystem.role.name().into(), path: filesystem.path }).collect();
     if let Some(stack) = &config.stack {
         let checkout_parent = stack.checkout.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
         disks.push(WatchedDisk { role: "stack".into(), path: checkout_parent });
