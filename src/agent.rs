@@ -164,15 +164,15 @@ async fn act_under_lease(
 const CONTROL_RETRY: Duration = Duration::from_secs(10);
 
 /// Serves the control API. When it cannot start, for example while the old
-/// agent of a handover still listens on a shared socket, the agent goes on
-/// updating without it and tries again. This future never completes.
+/// agent of a handover still listens on a shared socket, the agent runs
+/// without it (acting or passive) and tries again. This future never completes.
 async fn serve_control(config: &Config, runtime: Arc<Runtime>) {
     let mut failures = 0u32;
     loop {
         if let Err(error) = control::server::serve(runtime.clone(), &config.control.socket, config.control.tcp_port).await {
             failures += 1;
             if failures == 1 || failures.is_multiple_of(30) {
-                tracing::error!(%error, failures, "control API not available; the agent keeps updating without it and tries again");
+                tracing::error!(%error, failures, retry_in = %humantime::format_duration(CONTROL_RETRY), socket = %config.control.socket.display(), "control API not available; the agent runs without it and tries again");
             }
         }
         tokio::time::sleep(CONTROL_RETRY).await;

@@ -818,7 +818,7 @@ pub fn jittered(interval: Duration, percent: u8) -> Duration {
     }
     let spread = f64::from(percent) / 100.0;
     let factor = rand::rng().random_range(1.0 - spread..=1.0 + spread);
-    interval.mul_f64(factor)
+    whole_millis(interval.mul_f64(factor))
 }
 
 /// Returns the delay after `failures` transient failures in a row: doubling
@@ -826,12 +826,29 @@ pub fn jittered(interval: Duration, percent: u8) -> Duration {
 pub fn backoff_delay(failures: u32, minimum: Duration, maximum: Duration) -> Duration {
     let exponent = failures.saturating_sub(1).min(20);
     let base = minimum.saturating_mul(1u32 << exponent).min(maximum);
-    base.mul_f64(rand::rng().random_range(0.8..=1.0))
+    whole_millis(base.mul_f64(rand::rng().random_range(0.8..=1.0)))
+}
+
+/// Rounds a random delay down to whole milliseconds, so logs show `1m 2s
+/// 345ms` rather than nanoseconds. Delays under a millisecond stay as given.
+fn whole_millis(delay: Duration) -> Duration {
+    if delay < Duration::from_millis(1) {
+        return delay;
+    }
+    Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_delays_are_whole_millis() {
+        for _ in 0..100 {
+            assert_eq!(jittered(Duration::from_secs(60), 20).subsec_nanos() % 1_000_000, 0);
+            assert_eq!(backoff_delay(3, Duration::from_secs(7), Duration::from_secs(600)).subsec_nanos() % 1_000_000, 0);
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_maximum() {
