@@ -38,13 +38,13 @@ for tool in docker git docker-registry busybox curl; do
   command -v "$tool" >/dev/null || fail "$tool is missing: run 'sudo scripts/setup-host.sh' first"
 done
 docker compose version >/dev/null 2>&1 || fail "docker compose v2 is missing: run 'sudo scripts/setup-host.sh' first"
+# An earlier run's web container uses the web port, so clean up first.
+clean
 for port in "$registry_port" "$git_port" "$web_port"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    fail "port $port on 127.0.0.1 is in use; set EXAMPLE_REGISTRY_PORT, EXAMPLE_GIT_PORT or EXAMPLE_WEB_PORT"
+    fail "port $port on 127.0.0.1 is in use by another program; set EXAMPLE_REGISTRY_PORT, EXAMPLE_GIT_PORT or EXAMPLE_WEB_PORT"
   fi
 done
-
-clean
 mkdir -p "$work"
 pids=()
 agent_pid=
@@ -144,6 +144,9 @@ name = "example-device"
 [journal]
 directory = "$work/device/reserved/journal"
 size_kib = 1024
+
+[control]
+socket = "$work/device/autoupdate.sock"
 
 [stack]
 repository = "git://127.0.0.1:$git_port/stack.git"

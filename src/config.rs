@@ -748,7 +748,13 @@ impl Parts {
             Ok(table) => table,
             Err(error) => {
                 let line = error.span().map(|span| line_of_offset(text, span.start));
-                return Err(vec![Problem { key: String::new(), line, message: error.message().to_string() }]);
+                let mut message = error.message().trim().to_string();
+                if message == "duplicate key"
+                    && let Some(key) = error.span().and_then(|span| text.get(span))
+                {
+                    message = format!("duplicate key {}; keep one of the two", key.trim());
+                }
+                return Err(vec![Problem { key: String::new(), line, message }]);
             }
         };
 
@@ -823,9 +829,14 @@ impl Parts {
                 }
                 let later = parts.migrate(text).into_iter().chain(parts.check(text));
                 problems.extend(later.filter(|problem| !reported.contains(&problem.key)));
-                if problems.is_empty() { Ok(parts) } else { Err(problems) }
+                if problems.is_empty() {
+                    return Ok(parts);
+                }
+                // The file is rejected anyway, so its warnings go with the problems.
+                problems.extend(parts.warnings.into_iter().map(|warning| Problem { message: format!("(warning) {}", warning.message), ..warning }));
+                Err(in_line_order(problems))
             }
-            _ => Err(problems),
+            _ => Err(in_line_order(problems)),
         }
     }
 
@@ -1114,7 +1125,7 @@ impl Sections<'_> {
                     let key = if field.is_empty() { format!("{name}[{index}]") } else { format!("{name}[{index}].{field}") };
                     let message = match message.strip_prefix("unknown field ") {
                         Some(rest) => format!("unknown key {rest}"),
-                        None => message,
+                        None => plain_words(&message),
                     };
                     self.problems.push(Problem { key, line, message });
                 }
@@ -1146,7 +1157,7 @@ impl Sections<'_> {
             let result = serde_path_to_error::deserialize::<_, T>(ignoring);
             for key in unknown {
                 if !unknown_reported.contains(&key) {
-                    self.problem(&format!("{name}.{key}"), "unknown key");
+                    self.problem(&format!("{name}.{key}"), "unknown key; check its spelling against the key tables in README.md");
                     unknown_reported.push(key);
                 }
             }
@@ -1162,7 +1173,7 @@ impl Sections<'_> {
             let message = message.split("\nin `").next().unwrap_or_default().to_string();
             let message = match message.strip_prefix("unknown field ") {
                 Some(rest) => format!("unknown key {rest}"),
-                None => message,
+                None => plain_words(&message),
             };
             self.problem(&key, message);
             if key == name || !remove_dotted(&mut value, &path) {
@@ -1170,6 +1181,38 @@ impl Sections<'_> {
             }
         }
     }
+}
+
+/// Sorts problems by line, keeping the order of those on one line. Problems
+/// without a line come last.
+fn in_line_order(mut problems: Vec<Problem>) -> Vec<Problem> {
+    problems.sort_by_key(|problem| problem.line.unwrap_or(usize::MAX));
+    problems
+}
+
+/// Rewrites serde's wording for a value of the wrong type or a missing key
+/// in the words of a configuration file.
+fn plain_words(message: &str) -> String {
+    let mut message = message.trim().to_string();
+    let ranges = [
+        ("u8", "a whole number from 0 to 255"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u64", "a whole number from 0 to 18446744073709551615"),
+        ("usize", "a whole number of 0 or more"),
+        ("i64", "a whole number"),
+        ("f64", "a number"),
+    ];
+    for (rust, words) in ranges {
+        if let Some(start) = message.strip_suffix(&format!("expected {rust}")) {
+            message = format!("{start}expected {words}");
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.trim_end_matches('`');
+        message = format!("missing required key {field}");
+    }
+    message
 }
 
 /// Removes the key at the dotted `path` (as serde_path_to_error writes it)
@@ -1350,7 +1393,7 @@ checkout = "/srv/eventpi/stack"
         let problems = Config::parse(&text).unwrap_err();
         let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
 
-        assert_eq!(keys, vec!["stack.branch", "stack.checkout", "stack.project"]);
+        assert_eq!(keys, vec!["stack.project", "stack.branch", "stack.checkout"]);
     }
 
     #[test]
@@ -1438,7 +1481,7 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         let problems = HostPatchConfig::parse(&text).unwrap_err();
         let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
 
-        assert_eq!(found, vec![("host.key_file", Some(9)), ("host.host_key", Some(10)), ("host.upgrade_timeout", Some(6)), ("host.job_directory", Some(7))]);
+        assert_eq!(found, vec![("host.upgrade_timeout", Some(6)), ("host.job_directory", Some(7)), ("host.key_file", Some(9)), ("host.host_key", Some(10))]);
     }
 
     #[test]
@@ -1462,6 +1505,58 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         assert_eq!(policy.max_deferral, Duration::from_secs(6 * 3600));
         assert_eq!(config.stack.as_ref().unwrap().apply.lock_label.as_deref(), Some("eventpi.update-lock"));
         assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn wrong_type_is_in_plain_words() {
+        let text = MINIMAL.replace("checkout =", "max_resumes = \"five\"\ncheckout =");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("expected a whole number from 0 to 4294967295"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let text = MINIMAL.replace("branch = \"device-0001\"\n", "");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems[0].message, "missing required key branch");
+    }
+
+    #[test]
+    fn duplicate_key_is_named() {
+        let text = MINIMAL.replace("checkout =", "branch = \"device-0002\"\ncheckout =");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert!(problems[0].message.starts_with("duplicate key branch"), "{}", problems[0].message);
+        assert_eq!(problems[0].line, Some(8));
+    }
+
+    #[test]
+    fn problems_are_in_line_order() {
+        let text = format!("{}poll_interval = 60\nbogus = 1\n", MINIMAL.replace("directory = ", "size_kib = 1\ndirectory = "));
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        let lines: Vec<Option<usize>> = problems.iter().map(|problem| problem.line).collect();
+        let mut sorted = lines.clone();
+        sorted.sort_by_key(|line| line.unwrap_or(usize::MAX));
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(lines, sorted);
+    }
+
+    #[test]
+    fn warning_is_kept_beside_problems() {
+        let text = format!("{}bogus = 1\n", MINIMAL.replace("checkout =", "apply_policy = \"on-boot\"\ncheckout ="));
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert!(problems.iter().any(|problem| problem.key == "stack.bogus"), "{problems:?}");
+        assert!(problems.iter().any(|problem| problem.key == "stack.apply_policy" && problem.message.starts_with("(warning)")), "{problems:?}");
     }
 
     #[test]
@@ -1537,10 +1632,10 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         assert_eq!(
             found,
             vec![
-                ("space.docker.size", Some(16)),
                 ("space.pull_size_factor", Some(11)),
                 ("space.docker.path", Some(13)),
                 ("space.docker.resume_above_percent", Some(15)),
+                ("space.docker.size", Some(16)),
                 ("space.recorder", Some(17)),
                 ("space.recorder", Some(17)),
             ],
@@ -1578,7 +1673,7 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         let problems = Config::parse(&text).unwrap_err();
         let found: Vec<(&str, Option<usize>)> = problems.iter().map(|problem| (problem.key.as_str(), problem.line)).collect();
 
-        assert_eq!(found, vec![("self_update.surprise", Some(13)), ("self_update.confirm_timeout", Some(12))]);
+        assert_eq!(found, vec![("self_update.confirm_timeout", Some(12)), ("self_update.surprise", Some(13))]);
     }
 
     #[test]

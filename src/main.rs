@@ -281,13 +281,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             update_now(&target, process)
         }
         Command::Button { target, press } => {
-            let (endpoint, _) = resolve(&target)?;
+            let (endpoint, _, _) = resolve(&target)?;
             let press = match press {
                 Press::Short => "short",
                 Press::Long => "long",
             };
             let body = serde_json::json!({ "press": press }).to_string();
-            let answer = block_on(client::call(&endpoint, hyper::Method::POST, "/button", Some(body)))?;
+            let answer = block_on(client::call(&endpoint, hyper::Method::POST, "/button", Some(body))).map_err(with_agent_hint)?;
             println!("{answer}");
             Ok(ExitCode::SUCCESS)
         }
@@ -336,8 +336,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Returns the control endpoint and the journal directory a command uses.
-fn resolve(target: &Target) -> anyhow::Result<(Endpoint, Option<PathBuf>)> {
+/// Returns the control endpoint and the journal directory a command uses,
+/// and the device name that a configuration file gives.
+fn resolve(target: &Target) -> anyhow::Result<(Endpoint, Option<PathBuf>, Option<String>)> {
     let config = match &target.config {
         Some(path) => Some(Config::load(path)?),
         None => None,
@@ -347,7 +348,18 @@ fn resolve(target: &Target) -> anyhow::Result<(Endpoint, Option<PathBuf>)> {
         .clone()
         .or_else(|| config.as_ref().map(|config| config.control.socket.clone()))
         .unwrap_or_else(|| PathBuf::from("/run/eventpi/autoupdate.sock"));
-    Ok((Endpoint::Unix(socket), config.map(|config| config.journal.directory)))
+    let device = config.as_ref().and_then(|config| config.agent.name.clone());
+    Ok((Endpoint::Unix(socket), config.map(|config| config.journal.directory), device))
+}
+
+/// Adds what to do to an error of a command that needs the running agent.
+fn with_agent_hint(error: ClientError) -> anyhow::Error {
+    match error {
+        ClientError::Unreachable { .. } => {
+            anyhow::anyhow!("{error}; start the agent, or pass --config FILE to use its control.socket, or --socket PATH")
+        }
+        other => other.into(),
+    }
 }
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
@@ -355,7 +367,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 fn status(target: &Target, journal: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
-    let (endpoint, configured_journal) = resolve(target)?;
+    let (endpoint, configured_journal, device) = resolve(target)?;
     let journal = journal.or(configured_journal);
     let live = if journal.is_some() && target.socket.is_none() && target.config.is_none() {
         None
@@ -377,7 +389,9 @@ fn status(target: &Target, journal: Option<PathBuf>, json: bool) -> anyhow::Resu
         None => {
             let directory = journal.context("the agent does not answer and no journal directory is known: pass --journal or --config")?;
             let journal = Journal::open_read_only(&directory)?;
-            status::from_journal(&journal, "")
+            // Without agent.name the agent names the device by its host name.
+            let device = device.unwrap_or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string());
+            status::from_journal(&journal, &device)
         }
     };
     if json {
@@ -389,11 +403,11 @@ fn status(target: &Target, journal: Option<PathBuf>, json: bool) -> anyhow::Resu
 }
 
 fn update_now(target: &Target, process: &str) -> anyhow::Result<ExitCode> {
-    let (endpoint, _) = resolve(target)?;
+    let (endpoint, _, _) = resolve(target)?;
     let terminal = std::io::stdout().is_terminal();
     let mut printer = ProgressPrinter::new(terminal);
     let body = serde_json::json!({ "process": process }).to_string();
-    block_on(client::stream_lines(&endpoint, "/update-now", body, |line| printer.line(line)))?;
+    block_on(client::stream_lines(&endpoint, "/update-now", body, |line| printer.line(line))).map_err(with_agent_hint)?;
     printer.finish();
     Ok(if printer.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

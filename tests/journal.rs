@@ -203,6 +203,40 @@ fn both_header_slots_damaged_rejected() {
 }
 
 #[test]
+fn short_file_has_no_valid_header() {
+    let directory = tempfile::tempdir().unwrap();
+    std::fs::write(journal_path(directory.path()), b"").unwrap();
+
+    let result = Journal::open(directory.path(), small_options());
+
+    assert!(matches!(result, Err(JournalError::NoValidHeader { .. })), "expected NoValidHeader, got {result:?}");
+}
+
+#[test]
+fn missing_file_is_named_for_readers() {
+    let directory = tempfile::tempdir().unwrap();
+
+    let error = Journal::open_read_only(directory.path()).unwrap_err();
+
+    assert!(matches!(error, JournalError::NotFound { .. }), "expected NotFound, got {error:?}");
+    assert!(error.to_string().contains("--journal"), "{error}");
+}
+
+#[test]
+fn agent_moves_empty_journal_aside() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = journal_path(directory.path());
+    std::fs::write(&path, b"").unwrap();
+    let config = eventpi_autoupdate::config::JournalConfig { directory: directory.path().to_path_buf(), size_kib: 64 };
+
+    let opened = eventpi_autoupdate::agent::open_journal(&config);
+
+    assert!(opened.is_ok(), "{:?}", opened.err());
+    assert_eq!(std::fs::metadata(directory.path().join("journal.bin.unreadable")).unwrap().len(), 0);
+    assert!(Journal::open_read_only(directory.path()).is_ok(), "a new journal replaces the empty file");
+}
+
+#[test]
 fn writer_repairs_damaged_header_slot() {
     let directory = tempfile::tempdir().unwrap();
     let path = journal_path(directory.path());

@@ -257,7 +257,7 @@ fn status_reads_journal_when_agent_is_down() {
     let world = World::new("runtime-0006");
     let good = push_image(&world.registry, "web", "v1", Behaviour::Serve);
     let first = world.repo.commit("web v1", &[("compose.yaml", &compose_file(&[("web", &good)]))]);
-    let mut agent = world.agent("");
+    let mut agent = world.agent_with_sections("", "[agent]\nname = \"runtime-device-6\"\n");
     agent.start();
     wait_until("the first commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
     assert!(agent.live_status().contains("running)"));
@@ -269,6 +269,7 @@ fn status_reads_journal_when_agent_is_down() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("reading the journal instead"));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("read from its journal"), "{text}");
+    assert!(text.contains("runtime-device-6"), "the device name comes from the configuration: {text}");
     assert!(text.contains(&format!("known-good commit {first}")), "{text}");
     assert!(!agent.socket().exists(), "the socket is removed when the agent stops");
 }

@@ -93,8 +93,14 @@ pub enum JournalError {
     NoValidHeader { path: PathBuf },
 
     /// The file's size does not match the region size in its header.
-    #[error("journal {path} is {actual} bytes but its header describes {expected}; the file was cut or extended")]
+    #[error(
+        "journal {path} is {actual} bytes but its header describes {expected}; the file was cut or extended. Move the file aside and the agent starts a new journal"
+    )]
     SizeMismatch { path: PathBuf, actual: u64, expected: u64 },
+
+    /// The journal file is missing.
+    #[error("journal {path} not found; check the directory given with --journal or journal.directory. The agent creates the journal when it first starts")]
+    NotFound { path: PathBuf },
 
     /// The requested journal size leaves regions smaller than the minimum.
     #[error("journal size of {requested} bytes is too small: use at least {minimum} bytes")]
@@ -248,7 +254,10 @@ impl Journal {
     /// Opens an existing journal for reading only, keeping every transition.
     pub fn open_read_only(directory: &Path) -> Result<Journal, JournalError> {
         let path = directory.join(FILE_NAME);
-        let file = File::open(&path).map_err(io_error(&path, "open"))?;
+        let file = File::open(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => JournalError::NotFound { path: path.clone() },
+            _ => JournalError::Io { path: path.clone(), action: "open", source },
+        })?;
         let options = JournalOptions { history: History::All, ..JournalOptions::default() };
         Journal::load(file, path, options, false)
     }
@@ -387,7 +396,11 @@ impl Journal {
     /// decoded header (`None` when invalid) in the order of `HEADER_SLOTS`.
     fn read_header(&self) -> Result<(Header, [Option<Header>; 2]), JournalError> {
         let mut block = vec![0u8; HEADER_BLOCK as usize];
-        self.file.read_exact_at(&mut block, 0).map_err(io_error(&self.path, "read header"))?;
+        // A file shorter than the header block contains no header.
+        self.file.read_exact_at(&mut block, 0).map_err(|source| match source.kind() {
+            io::ErrorKind::UnexpectedEof => JournalError::NoValidHeader { path: self.path.clone() },
+            _ => JournalError::Io { path: self.path.clone(), action: "read header", source },
+        })?;
         let slots = HEADER_SLOTS.map(|slot| Header::decode(&block[slot as usize..]));
         let header =
             slots.iter().flatten().max_by_key(|header| header.generation).copied().ok_or_else(|| JournalError::NoValidHeader { path: self.path.clone() })?;
