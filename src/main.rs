@@ -1,7 +1,7 @@
 //! The `autoupdate` command line.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -384,6 +384,16 @@ fn status(target: &Target, journal: Option<PathBuf>, json: bool) -> anyhow::Resu
             Err(error) => return Err(error.into()),
         }
     };
+    if let (Some(status), Some(directory)) = (&live, &journal) {
+        let expected = directory.join(eventpi_autoupdate::journal::FILE_NAME);
+        if Path::new(&status.journal.path) != expected {
+            eprintln!(
+                "warning: the agent at {endpoint} writes the journal {}, not {}; another agent may use this socket, so give each agent its own control.socket",
+                status.journal.path,
+                expected.display()
+            );
+        }
+    }
     let status = match live {
         Some(status) => status,
         None => {

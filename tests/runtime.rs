@@ -262,6 +262,18 @@ fn status_reads_journal_when_agent_is_down() {
     wait_until("the first commit to become known-good", STEP_TIMEOUT, Some(&agent), || agent.known_good_is(&first));
     assert!(agent.live_status().contains("running)"));
 
+    // A second configuration with another journal but the same socket.
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let journal = agent.journal.to_str().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let other_config = other.path().join("other.toml");
+    std::fs::write(&other_config, text.replace(journal, &other.path().join("journal").display().to_string())).unwrap();
+    let shared = std::process::Command::new(env!("CARGO_BIN_EXE_autoupdate")).args(["status", "--config", other_config.to_str().unwrap()]).output().unwrap();
+    let warning = String::from_utf8_lossy(&shared.stderr);
+    assert!(warning.contains("another agent may use this socket"), "{warning}");
+    let own = std::process::Command::new(env!("CARGO_BIN_EXE_autoupdate")).args(["status", "--config", agent.config.to_str().unwrap()]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&own.stderr).contains("warning"), "{}", String::from_utf8_lossy(&own.stderr));
+
     agent.stop();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_autoupdate")).args(["status", "--config", agent.config.to_str().unwrap()]).output().unwrap();
 
