@@ -1157,7 +1157,7 @@ impl Sections<'_> {
             let result = serde_path_to_error::deserialize::<_, T>(ignoring);
             for key in unknown {
                 if !unknown_reported.contains(&key) {
-                    self.problem(&format!("{name}.{key}"), "unknown key; check its spelling against the key tables in README.md");
+                    self.problem(&format!("{name}.{key}"), unknown_key_message::<T>(&key));
                     unknown_reported.push(key);
                 }
             }
@@ -1181,6 +1181,54 @@ impl Sections<'_> {
             }
         }
     }
+}
+
+/// Describes an unknown key of a section parsed as `T`: the nearest known
+/// key when one is close, otherwise every key of the section. Keys of nested
+/// tables get the README's key tables instead.
+fn unknown_key_message<T: DeserializeOwned>(key: &str) -> String {
+    let known = field_names::<T>();
+    if key.contains('.') || known.is_empty() {
+        return "unknown key; check its spelling against the key tables in README.md".to_string();
+    }
+    let nearest = known.iter().map(|name| (strsim::damerau_levenshtein(key, name), *name)).min();
+    match nearest {
+        Some((distance, name)) if distance <= 2 => format!("unknown key; did you mean {name}?"),
+        _ => format!("unknown key; the keys of this section are {}", known.join(", ")),
+    }
+}
+
+/// Returns the field names a derived `Deserialize` of `T` accepts, read
+/// from its call to `deserialize_struct`, or none when `T` is not a struct.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Recorder<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for Recorder<'_> {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit unit_struct
+            newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Recorder(&mut fields));
+    fields
 }
 
 /// Sorts problems by line, keeping the order of those on one line. Problems
@@ -1505,6 +1553,25 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         assert_eq!(policy.max_deferral, Duration::from_secs(6 * 3600));
         assert_eq!(config.stack.as_ref().unwrap().apply.lock_label.as_deref(), Some("eventpi.update-lock"));
         assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn misspelt_key_gets_suggestion() {
+        let text = format!("{MINIMAL}poll_intervall = \"1s\"\n");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems[0].key, "stack.poll_intervall");
+        assert_eq!(problems[0].message, "unknown key; did you mean poll_interval?");
+    }
+
+    #[test]
+    fn unknown_key_lists_section_keys() {
+        let text = MINIMAL.replace("size_kib", "x").replace("[journal]", "[journal]\nsurprise = 1");
+
+        let problems = Config::parse(&text).unwrap_err();
+
+        assert_eq!(problems[0].message, "unknown key; the keys of this section are directory, size_kib");
     }
 
     #[test]
