@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the agent image that the self-update tests run, without any base
-# image from a registry: the agent built as a static x86_64 binary with the
-# failpoints feature, stripped, in a FROM scratch image on top of the tests'
-# busybox-static image (busybox gives the test containers sleep and wget).
+# image from a registry. The image is FROM scratch with the tests'
+# busybox-static layer (sleep and wget for the test containers) and the
+# agent as a stripped static x86_64 binary with the failpoints feature.
 #
 # The image is tagged eventpi-test/agent:<first 12 hex digits of the binary's
 # sha256>, so it is built once per change of the binary; older tags of the

@@ -212,7 +212,7 @@ async fn run_machines(config: &Config, credentials: Credentials, access: GitAcce
     runtime.board.set(Source::Agent, None);
 
     // The space guard runs beside the other machines and never takes a turn.
-    // NOTE: it starts once the Docker engine answers, because stopping the
+    // NOTE: it starts once the Docker engine responds, because stopping the
     // recorder and reclaiming need the engine; until then nothing samples
     // the filesystems.
     let (space_guard, pull_check) = crate::driver::space::setup::build(config, &engine, runtime.clone()).await;

@@ -1556,41 +1556,26 @@ host_key = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
     }
 
     #[test]
-    fn misspelt_key_gets_suggestion() {
-        let text = format!("{MINIMAL}poll_intervall = \"1s\"\n");
+    fn problem_messages_name_the_fix() {
+        // Each case: the configuration text, the key reported and its message.
+        let cases = [
+            (format!("{MINIMAL}poll_intervall = \"1s\"\n"), "stack.poll_intervall", "unknown key; did you mean poll_interval?"),
+            (MINIMAL.replace("[journal]", "[journal]\nsurprise = 1"), "journal.surprise", "unknown key; the keys of this section are directory, size_kib"),
+            (MINIMAL.replace("branch = \"device-0001\"\n", ""), "stack", "missing required key branch"),
+            (
+                MINIMAL.replace("checkout =", "max_resumes = \"five\"\ncheckout ="),
+                "stack.max_resumes",
+                "invalid type: string \"five\", expected a whole number from 0 to 4294967295",
+            ),
+        ];
 
-        let problems = Config::parse(&text).unwrap_err();
+        for (text, key, message) in cases {
+            let problems = Config::parse(&text).unwrap_err();
 
-        assert_eq!(problems[0].key, "stack.poll_intervall");
-        assert_eq!(problems[0].message, "unknown key; did you mean poll_interval?");
-    }
-
-    #[test]
-    fn unknown_key_lists_section_keys() {
-        let text = MINIMAL.replace("size_kib", "x").replace("[journal]", "[journal]\nsurprise = 1");
-
-        let problems = Config::parse(&text).unwrap_err();
-
-        assert_eq!(problems[0].message, "unknown key; the keys of this section are directory, size_kib");
-    }
-
-    #[test]
-    fn wrong_type_is_in_plain_words() {
-        let text = MINIMAL.replace("checkout =", "max_resumes = \"five\"\ncheckout =");
-
-        let problems = Config::parse(&text).unwrap_err();
-
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].message.contains("expected a whole number from 0 to 4294967295"), "{}", problems[0].message);
-    }
-
-    #[test]
-    fn missing_key_is_named() {
-        let text = MINIMAL.replace("branch = \"device-0001\"\n", "");
-
-        let problems = Config::parse(&text).unwrap_err();
-
-        assert_eq!(problems[0].message, "missing required key branch");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].key, key);
+            assert_eq!(problems[0].message, message);
+        }
     }
 
     #[test]

@@ -466,7 +466,8 @@ impl Subject for SelfUpdate {
         20
     }
 
-    /// An acceptance for an epoch that was not offered is stale.
+    /// Returns whether the event at `index` may be rejected: an acceptance
+    /// for an epoch that was not offered is stale.
     fn may_be_rejected(index: usize) -> bool {
         index == 19
     }

@@ -576,7 +576,7 @@ fn kill_cases_for(state: &'static str) -> Vec<KillCase> {
         "Pulling" => both(Victim::Old, false, Outcome::Updated),
         "Creating" | "Starting" | "HandingOver" => both(Victim::Old, false, Outcome::OldAgentKeptControl),
         // The new agent records Probation in the append that takes the
-        // lease, before it answers the handover request. Killed there or
+        // lease, before it responds to the handover request. Killed there or
         // before its probation command, it is restarted by the engine during
         // its probation, and the old agent takes the lease back.
         "Probation" => both(Victim::New, false, Outcome::OldAgentKeptControl),

@@ -547,8 +547,8 @@ enum SpaceScenario {
     Reclaim,
 }
 
-/// The failpoints a space-guard state can reach, with the scenario that
-/// reaches them. A point the driver never passes in that state is left out,
+/// Returns the failpoints a space-guard state can reach, with the scenario
+/// that reaches them. A point the driver never passes in that state is left out,
 /// with the reason in `unreachable_points`.
 fn space_case_for(state: &str) -> (SpaceScenario, &'static [&'static str]) {
     match state {
@@ -648,10 +648,10 @@ fn run_space_kill_case(state: &str, point: &str, scenario: SpaceScenario, index:
 }
 
 /// Kills the agent at every state of the space guard, after the record is
-/// persisted and before the command runs, and checks that the restarted
-/// agent ends with the recorder running, the guard watching, a valid journal
-/// and no extra container. Named `cleanup_` because its reclaim case removes
-/// the test's own unused image, so it runs in the `docker-serial` group.
+/// persisted and before the command runs. The restarted agent must end with
+/// the recorder running, the guard watching, a valid journal and no extra
+/// container. The name starts with `cleanup_` because its reclaim case
+/// removes the test's own unused image, so it runs in the `docker-serial` group.
 #[test]
 fn cleanup_kill_at_every_state_recovers() {
     use eventpi_autoupdate::machine::space::SPACE_TABLE;

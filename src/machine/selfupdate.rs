@@ -4,11 +4,11 @@
 //! the lease back and removes it.
 //!
 //! One machine spans two agents. Its state and memory live in the journal,
-//! and whichever agent holds the lease drives it: the old agent up to
-//! `HandingOver`, the candidate from `Probation` on (it writes the
-//! `Accepted` transition together with its lease), and the old agent again
-//! when it takes the lease back (`TakenBack`, written together with the
-//! higher lease).
+//! and the agent with the newest lease drives it. The old agent drives it up
+//! to `HandingOver` and the candidate from `Probation` on, because it writes
+//! the `Accepted` transition together with its lease. The old agent drives it
+//! again when it takes the lease back (`TakenBack`, written together with
+//! the higher lease).
 //!
 //! The machine is pure. Time comes in through [`SelfUpdateFacts`], and the
 //! commands it queues ([`SelfUpdateCommand`]) are run by the driver only

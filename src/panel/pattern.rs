@@ -30,7 +30,7 @@ const fn off(ms: u16) -> Phase {
 #[derive(Debug, Clone, Copy)]
 pub struct PatternSpec {
     pub condition: Condition,
-    /// Phases played in a loop. A single phase holds the LED steady.
+    /// Phases played in a loop. A single phase keeps the LED steady.
     pub phases: &'static [Phase],
     /// Description of the blinking for a technician.
     pub looks_like: &'static str,

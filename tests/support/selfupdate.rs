@@ -3,7 +3,7 @@
 //! directory, the agent's container, and the networks around it.
 //!
 //! Every container and network a fleet creates carries `eventpi.test=1` and
-//! `eventpi.test.fleet=<registry port>`; the agent copies its labels to the
+//! `eventpi.test.fleet=<registry port>`. The agent copies its labels to the
 //! containers it creates, so dropping the fleet removes them all.
 
 #![allow(dead_code)]
