@@ -84,7 +84,7 @@ impl Registry {
     pub fn start() -> Registry {
         let directory = tempfile::tempdir().expect("temporary directory");
         let mut registry = Registry { port: free_port(), directory, child: None, auth: None };
-        registry.resume();
+        registry.first_start();
         registry
     }
 
@@ -99,7 +99,7 @@ impl Registry {
         fs::create_dir_all(&docker_config).unwrap();
         let auth = RegistryAuth { username: username.to_string(), password: password.to_string(), docker_config };
         let mut registry = Registry { port: free_port(), directory, child: None, auth: Some(auth) };
-        registry.resume();
+        registry.first_start();
 
         let login = Command::new("docker")
             .args(["login", "--username", username, "--password-stdin", &registry.address()])
@@ -137,7 +137,27 @@ impl Registry {
     }
 
     /// Starts the registry again on the same port and storage.
+    /// Starts the registry for the first time. Another test can take the
+    /// free port before the registry binds it, so a registry that exits at
+    /// start is tried again on a new port.
+    fn first_start(&mut self) {
+        for _ in 0..5 {
+            if self.spawn() {
+                return;
+            }
+            self.port = free_port();
+        }
+        panic!("docker-registry exited at start on five ports; see {}", self.directory.path().join("registry.log").display());
+    }
+
+    /// Starts the registry again on its port, with its storage kept.
     pub fn resume(&mut self) {
+        assert!(self.spawn(), "docker-registry exited at start on port {}; see {}", self.port, self.directory.path().join("registry.log").display());
+    }
+
+    /// Starts docker-registry and waits until it listens. Returns false when
+    /// the process exits instead, for example because its port is taken.
+    fn spawn(&mut self) -> bool {
         assert!(self.child.is_none(), "registry already running");
         let config = self.directory.path().join("config.yml");
         let storage = self.directory.path().join("storage");
@@ -163,8 +183,27 @@ impl Registry {
             .stderr(log_file)
             .spawn()
             .expect("start docker-registry; run scripts/setup-host.sh first");
-        self.child = Some(child);
-        wait_until("the registry to listen", Duration::from_secs(20), None, || TcpStream::connect(self.address()).is_ok());
+        let mut child = child;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            if TcpStream::connect(self.address()).is_ok() {
+                // A listener of another process on a reused port also accepts,
+                // so the registry must still run a moment later.
+                thread::sleep(Duration::from_millis(200));
+                if child.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
+                self.child = Some(child);
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("timed out after 20s waiting for the registry to listen on port {}", self.port);
     }
 
     /// Stops the registry; its storage stays for `resume`.
